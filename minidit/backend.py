@@ -1,0 +1,68 @@
+"""The one place that knows about NumPy vs CuPy.
+
+Rules the rest of minidit follows:
+  * a function takes its array module from its inputs: ``xp = get_xp(x)``; there is no global switch;
+  * data crosses host <-> device only at the edges (data loading, logging, checkpoints, image files),
+    through ``to_device`` and ``to_numpy``;
+  * random numbers for the device path come from ``make_rng(xp, seed)`` so they are drawn where they are used.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy")
+
+
+def _cupy():
+    """Import CuPy lazily, with a message that names the fix."""
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "the cupy backend needs CuPy: install it with `pip install -e \".[cuda12]\"` "
+            "(or \".[cuda13]\" for CUDA 13)"
+        ) from e
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # pragma: no cover
+        raise RuntimeError(f"the cupy backend needs a CUDA device, and none was found ({e})") from e
+    return cupy
+
+
+def get_backend(name: str):
+    """Array module for a backend name: 'numpy' or 'cupy'."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        return _cupy()
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def get_xp(*arrays):
+    """Array module (numpy or cupy) of the given arrays; numpy if none is a device array."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_device(x, xp):
+    """Host array -> array of module xp (a no-op for numpy)."""
+    return x if xp is np else xp.asarray(x)
+
+
+def to_numpy(x):
+    """Any array -> host numpy array (a no-op for numpy)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):
+        return x.get()
+    return np.asarray(x)
+
+
+def make_rng(xp, seed):
+    """A random Generator living on the same side as xp's arrays."""
+    return xp.random.default_rng(seed)

@@ -1,0 +1,72 @@
+"""Numerical gradients by central differences, for tests and notebooks.
+
+    df/dx_i  ~=  (f(x + h e_i) - f(x - h e_i)) / (2h)
+
+Use float64 and h ~ 1e-6: the truncation error is O(h^2) and the rounding error O(eps/h), so the
+estimate is good to about 1e-9 relative; in float32 neither term is small enough to mean anything.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def numerical_grad(f, x, h=1e-6, indices=None):
+    """Gradient of the scalar ``f()`` with respect to the array ``x``, by central differences.
+
+    ``x`` is perturbed in place (one element at a time) and restored, so ``f`` must read ``x`` each
+    call. ``indices`` (a list of index tuples) limits the check to some elements; the others stay 0.
+    """
+    grad = np.zeros_like(x)
+    if indices is None:
+        indices = list(np.ndindex(x.shape))
+    for i in indices:
+        old = x[i]
+        x[i] = old + h
+        fp = float(f())
+        x[i] = old - h
+        fm = float(f())
+        x[i] = old
+        grad[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+def random_indices(shape, k, rng):
+    """Up to k distinct random index tuples of an array of this shape (all of them if it has <= k elements)."""
+    n = int(np.prod(shape))
+    flat = np.arange(n) if n <= k else rng.choice(n, size=k, replace=False)
+    return [np.unravel_index(i, shape) for i in flat]
+
+
+def rel_error(a, b):
+    """Relative error ||a - b|| / max(||a|| + ||b||, 1e-30) over whole arrays.
+
+    A whole-array norm rather than an elementwise max: an entry that is 1e-12 in both arrays has a
+    huge elementwise relative error yet is correct to all the digits that matter.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-30))
+
+
+def check_backward(forward, backward, inputs, dout=None, rng=None, h=1e-6, max_elems=None):
+    """Compare a hand-written backward against central differences.
+
+    forward(**inputs) -> (out, cache); backward(dout, cache) -> dict name -> gradient for some inputs.
+    The scalar checked is L = sum(out * dout) with a random dout, so dL/dinput = backward(dout).
+    Returns dict name -> relative error for every gradient backward returned.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    out, cache = forward(**inputs)
+    if dout is None:
+        dout = rng.standard_normal(out.shape)
+    grads = backward(dout, cache)
+    errors = {}
+    for name, g in grads.items():
+        x = inputs[name]
+        assert g.shape == x.shape, f"gradient of {name} has shape {g.shape}, input has {x.shape}"
+        idx = None if max_elems is None else random_indices(x.shape, max_elems, rng)
+        num = numerical_grad(lambda: np.sum(forward(**inputs)[0] * dout), x, h=h, indices=idx)
+        if idx is not None:  # compare only the sampled entries
+            sel = tuple(np.array(ix) for ix in zip(*idx))
+            g, num = g[sel], num[sel]
+        errors[name] = rel_error(g, num)
+    return errors
