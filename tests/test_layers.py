@@ -1,0 +1,191 @@
+"""Every op's backward against central differences in float64, on shapes and values drawn by hypothesis."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minidit import layers as L
+from minidit.gradcheck import check_backward
+
+TOL = 1e-6  # float64 central differences are good to ~1e-10 absolute; a wrong backward gives >1e-2
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(rng, *shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+def check(forward, backward_names, inputs, rng):
+    """Run check_backward where backward returns a tuple in the order of `backward_names`;
+    also assert that neither forward nor backward mutated any input."""
+    before = {k: v.copy() for k, v in inputs.items() if isinstance(v, np.ndarray)}
+    fwd, bwd = forward
+    errors = check_backward(fwd, lambda d, c: dict(zip(backward_names, bwd(d, c))) if len(backward_names) > 1
+                            else {backward_names[0]: bwd(d, c)}, inputs, rng=rng)
+    for k, v in before.items():
+        np.testing.assert_array_equal(inputs[k], v, err_msg=f"{k} was mutated")
+    for k, e in errors.items():
+        assert e < TOL, f"d{k}: relative error {e:.2e}"
+    return errors
+
+
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), din=st.integers(1, 5), dout=st.integers(1, 5))
+def test_linear(seed, N, T, din, dout):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, din), w=randn(rng, dout, din), b=randn(rng, dout))
+    check((lambda x, w, b: L.linear_forward(x, w, b), L.linear_backward), ["x", "w", "b"], inputs, rng)
+
+
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(2, 8), scale=st.floats(0.1, 10))
+def test_layernorm(seed, N, T, D, scale):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D, scale=scale) + rng.standard_normal())
+    check((lambda x: L.layernorm_forward(x), L.layernorm_backward), ["x"], inputs, rng)
+
+
+def test_layernorm_matches_definition(rng):
+    x = randn(rng, 2, 3, 7, scale=3)
+    y, _ = L.layernorm_forward(x)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(1, 6))
+def test_modulate(seed, N, T, D):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D), shift=randn(rng, N, D), scale=randn(rng, N, D))
+    check((lambda x, shift, scale: L.modulate_forward(x, shift, scale), L.modulate_backward),
+          ["x", "shift", "scale"], inputs, rng)
+    out, _ = L.modulate_forward(**inputs)
+    np.testing.assert_allclose(out[:, 0], inputs["x"][:, 0] * (1 + inputs["scale"]) + inputs["shift"])
+
+
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(1, 6))
+def test_gated_residual(seed, N, T, D):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D), gate=randn(rng, N, D), y=randn(rng, N, T, D))
+    check((lambda x, gate, y: L.gated_residual_forward(x, gate, y), L.gated_residual_backward),
+          ["x", "gate", "y"], inputs, rng)
+
+
+@given(seed=seeds, n=st.integers(1, 20), scale=st.floats(0.1, 8))
+def test_silu_and_gelu(seed, n, scale):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, 2, n, scale=scale)
+    check((lambda x: L.silu_forward(x), L.silu_backward), ["x"], dict(x=x), rng)
+    check((lambda x: L.gelu_forward(x), L.gelu_backward), ["x"], dict(x=x), rng)
+
+
+def test_activation_values():
+    x = np.array([-100.0, -1.0, 0.0, 0.5, 3.0, 100.0])
+    np.testing.assert_allclose(L.silu_forward(x)[0], x / (1 + np.exp(-x)), rtol=1e-12, atol=1e-30)
+    c = np.sqrt(2 / np.pi)
+    np.testing.assert_allclose(L.gelu_forward(x)[0], 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3))), rtol=1e-12)
+    xf = np.array([-1e4, 1e4], dtype=np.float32)  # no overflow warnings, finite results
+    with np.errstate(all="raise"):
+        assert np.all(np.isfinite(L.silu_forward(xf)[0]))
+
+
+@given(seed=seeds, rows=st.integers(1, 4), n=st.integers(1, 6), scale=st.floats(0.1, 20))
+def test_softmax(seed, rows, n, scale):
+    rng = np.random.default_rng(seed)
+    s = randn(rng, rows, n, scale=scale)
+    a, _ = L.softmax_forward(s)
+    np.testing.assert_allclose(a.sum(-1), 1.0)
+    check((lambda s: L.softmax_forward(s), L.softmax_backward), ["s"], dict(s=s), rng)
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 5), NH=st.integers(1, 3), hs=st.integers(1, 4))
+def test_attention(seed, N, T, NH, hs):
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    inputs = dict(x=randn(rng, N, T, D), w_qkv=randn(rng, 3 * D, D, scale=0.5), b_qkv=randn(rng, 3 * D),
+                  w_proj=randn(rng, D, D), b_proj=randn(rng, D))
+    check((lambda **kw: L.attention_forward(**kw, num_heads=NH), L.attention_backward),
+          ["x", "w_qkv", "b_qkv", "w_proj", "b_proj"], inputs, rng)
+
+
+def test_attention_matches_definition(rng):
+    """Heads are contiguous slices of [q | k | v]; scale hs^-0.5; softmax over keys."""
+    N, T, NH, hs = 2, 5, 3, 4
+    D = NH * hs
+    x, wq, bq, wp, bp = randn(rng, N, T, D), randn(rng, 3 * D, D), randn(rng, 3 * D), randn(rng, D, D), randn(rng, D)
+    out, _ = L.attention_forward(x, wq, bq, wp, bp, NH)
+    qkv = x @ wq.T + bq
+    heads = []
+    for h in range(NH):
+        q = qkv[..., h * hs:(h + 1) * hs]
+        k = qkv[..., D + h * hs:D + (h + 1) * hs]
+        v = qkv[..., 2 * D + h * hs:2 * D + (h + 1) * hs]
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hs)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((a / a.sum(-1, keepdims=True)) @ v)
+    np.testing.assert_allclose(out, np.concatenate(heads, -1) @ wp.T + bp, rtol=1e-10, atol=1e-10)
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), D=st.integers(1, 4))
+def test_mlp(seed, N, T, D):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D), w1=randn(rng, 4 * D, D), b1=randn(rng, 4 * D),
+                  w2=randn(rng, D, 4 * D), b2=randn(rng, D))
+    check((lambda **kw: L.mlp_forward(**kw), L.mlp_backward), ["x", "w1", "b1", "w2", "b2"], inputs, rng)
+
+
+@given(seed=seeds, N=st.integers(1, 2), C=st.integers(1, 3), p=st.sampled_from([1, 2, 4]),
+       g=st.integers(1, 3), D=st.integers(1, 5))
+def test_patch_embed(seed, N, C, p, g, D):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, C, g * p, g * p), w=randn(rng, D, C, p, p), b=randn(rng, D))
+    check((lambda x, w, b: L.patch_embed_forward(x, w, b, p), L.patch_embed_backward), ["x", "w", "b"], inputs, rng)
+
+
+def test_patch_embed_is_the_strided_conv(rng):
+    """Token (row, col) = sum over (c, i, j) of w[:, c, i, j] x[c, row*p + i, col*p + j] + b, row-major tokens."""
+    N, C, p, g, D = 2, 3, 2, 3, 5
+    x, w, b = randn(rng, N, C, g * p, g * p), randn(rng, D, C, p, p), randn(rng, D)
+    out, _ = L.patch_embed_forward(x, w, b, p)
+    for row in range(g):
+        for col in range(g):
+            patch = x[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (N, C, p, p)
+            ref = np.einsum("ncij,dcij->nd", patch, w) + b
+            np.testing.assert_allclose(out[:, row * g + col], ref, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds, N=st.integers(1, 2), C=st.integers(1, 3), p=st.sampled_from([1, 2, 3]), g=st.integers(1, 3))
+def test_unpatchify(seed, N, C, p, g):
+    rng = np.random.default_rng(seed)
+    check((lambda x: (L.unpatchify(x, p, C), None), lambda d, _: L.unpatchify_backward(d, p)), ["x"],
+          dict(x=randn(rng, N, g * g, p * p * C)), rng)
+    # official order: token vector is (p_row, p_col, c) with channel fastest
+    x = randn(rng, N, g * g, p * p * C)
+    img = L.unpatchify(x, p, C)
+    n, row, col, i, j, c = N - 1, g - 1, 0, p - 1, 0, C - 1
+    assert img[n, c, row * p + i, col * p + j] == x[n, row * g + col, (i * p + j) * C + c]
+
+
+def test_timestep_embedding():
+    t = np.array([0, 1, 999])
+    emb = L.timestep_embedding(t, 256)
+    assert emb.shape == (3, 256) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb[0], np.r_[np.ones(128), np.zeros(128)])  # cos first: t=0 -> [1]*128 + [0]*128
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    np.testing.assert_allclose(emb[2], np.r_[np.cos(999 * freqs), np.sin(999 * freqs)], atol=2e-4)
+    assert L.timestep_embedding(t, 7).shape == (3, 7) and np.all(L.timestep_embedding(t, 7)[:, -1] == 0)
+
+
+@given(seed=seeds, N=st.integers(1, 6), K=st.integers(1, 4), D=st.integers(1, 4))
+def test_embedding_with_repeated_labels(seed, N, K, D):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, K, size=N)
+    labels[0] = labels[-1]  # at least one repeat whenever N > 1
+    check((lambda table: L.embedding_forward(labels, table), L.embedding_backward), ["table"],
+          dict(table=randn(rng, K, D)), rng)
+
+
+def test_pos_embed_layout():
+    D, g = 16, 4
+    pe = L.get_2d_sincos_pos_embed(D, g)
+    assert pe.shape == (g * g, D)
+    n = 2 * g + 3  # row 2, col 3
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    np.testing.assert_allclose(pe[n, :D // 2], np.r_[np.sin(3 * omega), np.cos(3 * omega)])  # column first
+    np.testing.assert_allclose(pe[n, D // 2:], np.r_[np.sin(2 * omega), np.cos(2 * omega)])  # then row

@@ -1,0 +1,218 @@
+"""The whole DiT: official parameter counts and names, init, full backward vs finite differences, errors."""
+import math
+
+import numpy as np
+import pytest
+
+from minidit import DiT, DiTConfig, VARIANTS, forward_macs, get_config, param_shapes
+from minidit.gradcheck import numerical_grad, random_indices, rel_error
+
+# (total params, trainable, measured GMACs) at input 32, 4 channels, 1000 classes, learn_sigma: dit-facts.md section 2
+OFFICIAL = {
+    "S/8": (33_148_160, 33_142_016, 0.358), "S/4": (32_945_024, 32_920_448, 1.413),
+    "S/2": (32_963_360, 32_865_056, 6.056), "B/8": (130_881_536, 130_869_248, 1.418),
+    "B/4": (130_475_648, 130_426_496, 5.565), "B/2": (130_512_416, 130_315_808, 23.005),
+    "L/8": (458_594_816, 458_578_432, 5.011), "L/4": (458_053_760, 457_988_224, 19.696),
+    "L/2": (458_102_816, 457_840_672, 80.698), "XL/8": (675_683_072, 675_664_640, 7.392),
+    "XL/4": (675_074_432, 675_000_704, 29.044), "XL/2": (675_129_632, 674_834_720, 118.621),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_parameter_counts_and_gmacs(name):
+    total, trainable, gmacs = OFFICIAL[name]
+    shapes = param_shapes(get_config(name))
+    assert sum(math.prod(s) for s in shapes.values()) == total
+    assert sum(math.prod(s) for k, s in shapes.items() if k != "pos_embed") == trainable
+    assert abs(forward_macs(get_config(name)) / 1e9 - gmacs) < 1e-3
+
+
+def test_xl2_at_512():
+    cfg = get_config("DiT-XL/2")
+    assert sum(math.prod(s) for s in param_shapes(cfg, input_size=64).values()) == 676_014_368
+    assert abs(forward_macs(cfg, input_size=64) / 1e9 - 524.538) < 1e-3
+
+
+def test_s2_state_dict_names_shapes_and_zero_output():
+    model = DiT("S/2", input_size=32, in_channels=4, num_classes=1000, seed=0)
+    sd = model.state_dict()
+    assert len(sd) == 132 and all(v.dtype == np.float32 for v in sd.values())
+    assert list(sd)[:8] == ["pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
+                            "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+                            "y_embedder.embedding_table.weight"]
+    assert sd["x_embedder.proj.weight"].shape == (384, 4, 2, 2)
+    assert sd["y_embedder.embedding_table.weight"].shape == (1001, 384)
+    assert sd["blocks.11.adaLN_modulation.1.weight"].shape == (2304, 384)
+    assert sd["final_layer.linear.weight"].shape == (32, 384)
+    assert model.num_params() == 32_963_360 and model.num_params(trainable_only=True) == 32_865_056
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
+    out, _ = model.forward(x, np.array([0, 999]), np.array([3, 1000]))
+    assert out.shape == (2, 8, 32, 32) and out.dtype == np.float32
+    assert np.all(out == 0), "adaLN-Zero and the zero final layer make the output exactly 0 at init"
+
+
+def test_official_init_statistics():
+    model = DiT("S/4", seed=1)
+    P = model.params
+    a = math.sqrt(6 / (384 + 3 * 384))  # xavier bound of qkv
+    w = P["blocks.0.attn.qkv.weight"]
+    assert np.abs(w).max() <= a and np.abs(w).max() > 0.95 * a and abs(w.std() - a / math.sqrt(3)) < 2e-3
+    a_patch = math.sqrt(6 / (4 * 16 + 384))
+    assert np.abs(P["x_embedder.proj.weight"]).max() <= a_patch
+    for k in ("y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight"):
+        assert abs(P[k].std() - 0.02) < 1e-3
+    for k, v in P.items():
+        if k.endswith("bias") or "adaLN" in k or k.startswith("final_layer.linear"):
+            assert np.all(v == 0), k
+    from minidit.layers import get_2d_sincos_pos_embed
+    np.testing.assert_array_equal(P["pos_embed"][0], get_2d_sincos_pos_embed(384, 8).astype(np.float32))
+
+
+TINY = DiTConfig(depth=2, hidden_size=8, num_heads=2, patch_size=2)
+
+
+def tiny_model(learn_sigma=True, seed=0, scale=0.5):
+    """A float64 DiT with every parameter random (not the init, where most gradients are exactly 0)."""
+    model = DiT(TINY, input_size=4, in_channels=2, num_classes=3, learn_sigma=learn_sigma, seed=seed, dtype=np.float64)
+    rng = np.random.default_rng(seed + 100)
+    for k, v in model.params.items():
+        if k != "pos_embed":
+            v[...] = rng.standard_normal(v.shape) * scale
+    return model
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_full_model_backward_matches_finite_differences(learn_sigma):
+    model = tiny_model(learn_sigma)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 2, 4, 4))
+    t = np.array([0, 17, 999])
+    y = np.array([2, 3, 0])  # 3 is the null class
+    out, cache = model.forward(x, t, y)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = model.backward(dout, cache, return_dx=True)
+    assert set(grads) == set(model.params) - {"pos_embed"}
+
+    def loss():
+        return np.sum(model.forward(x, t, y)[0] * dout)
+
+    worst = 0.0
+    for name, g in list(grads.items()) + [("x", dx)]:
+        arr = x if name == "x" else model.params[name]
+        idx = random_indices(arr.shape, 40, rng)  # up to 40 entries of every tensor
+        num = numerical_grad(loss, arr, indices=idx)
+        sel = tuple(np.array(i) for i in zip(*idx))
+        err = rel_error(g[sel], num[sel], floor=1e-3)
+        assert np.linalg.norm(g[sel]) > 0 or name.endswith("embedding_table.weight"), f"{name}: vacuous check"
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+        worst = max(worst, err)
+    print(f"worst relative error over all parameters and x: {worst:.2e}")
+
+
+def test_two_forwards_then_backwards_are_independent():
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    xa, xb = rng.standard_normal((2, 2, 2, 4, 4))
+    t, y = np.array([5, 600]), np.array([1, 2])
+    out_a, cache_a = model.forward(xa, t, y)
+    dout = rng.standard_normal(out_a.shape)
+    ref = model.backward(dout, cache_a)
+    model.forward(xb, t, y)  # a second forward in between must not disturb cache_a
+    again = model.backward(dout, cache_a)
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], again[k])
+
+
+def test_float32_matches_float64():
+    m64 = tiny_model()
+    m32 = DiT(TINY, input_size=4, in_channels=2, num_classes=3, dtype=np.float32)
+    m32.load_state_dict(m64.state_dict())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 4, 4))
+    t, y = np.array([3, 500]), np.array([0, 1])
+    o64, c64 = m64.forward(x, t, y)
+    o32, c32 = m32.forward(x.astype(np.float32), t, y)
+    np.testing.assert_allclose(o32, o64, rtol=1e-4, atol=1e-4)
+    d = rng.standard_normal(o64.shape)
+    g64, g32 = m64.backward(d, c64), m32.backward(d.astype(np.float32), c32)
+    for k in g64:
+        assert g32[k].dtype == np.float32
+        assert rel_error(g32[k], g64[k], floor=1e-3) < 1e-4, k
+
+
+def test_label_dropout():
+    model = tiny_model()
+    x = np.zeros((400, 2, 4, 4))
+    t = np.full(400, 10)
+    y = np.zeros(400, dtype=np.int64)
+    null = np.full(400, 3)
+    o_cond, _ = model.forward(x[:1], t[:1], y[:1])
+    o_null, _ = model.forward(x[:1], t[:1], null[:1])
+    out, _ = model.forward(x, t, y, train=True, rng=np.random.default_rng(0))
+    dropped = np.all(np.isclose(out, o_null), axis=(1, 2, 3))
+    kept = np.all(np.isclose(out, o_cond), axis=(1, 2, 3))
+    assert np.all(dropped ^ kept) and 0.05 < dropped.mean() < 0.15  # p = 0.1
+    out, _ = model.forward(x, t, y, train=False)
+    assert np.all(np.isclose(out, o_cond))  # no dropout at eval
+    force = (np.arange(400) % 2 == 0).astype(np.int64)
+    out, _ = model.forward(x, t, y, force_drop_ids=force)
+    assert np.all(np.isclose(out[::2], o_null)) and np.all(np.isclose(out[1::2], o_cond))
+
+
+def test_no_null_row_without_dropout():
+    m = DiT(TINY, input_size=4, in_channels=2, num_classes=3, class_dropout_prob=0.0)
+    assert m.params["y_embedder.embedding_table.weight"].shape == (3, 8)
+
+
+def test_load_state_dict_round_trip_and_strictness():
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    b.load_state_dict(a.state_dict())
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    sd = dict(a.state_dict())
+    del sd["blocks.1.mlp.fc1.bias"]
+    sd["blocks.9.attn.qkv.weight"] = np.zeros((24, 8))
+    sd["final_layer.linear.weight"] = np.zeros((5, 8))
+    with pytest.raises(ValueError) as e:
+        b.load_state_dict(sd)
+    msg = str(e.value)
+    assert "missing keys (1): blocks.1.mlp.fc1.bias" in msg
+    assert "unexpected keys (1): blocks.9.attn.qkv.weight" in msg
+    assert "final_layer.linear.weight: checkpoint (5, 8) vs model (16, 8)" in msg
+
+
+def test_variant_names():
+    assert len([k for k in VARIANTS if not k.startswith("mini")]) == 12
+    assert get_config("DiT-XL/2") == get_config("XL/2") == DiTConfig(28, 1152, 16, 2)
+    assert DiT("mini/4", input_size=32, in_channels=3, num_classes=10).num_params() > 0
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(variant="M/2"), ValueError, "unknown DiT variant 'M/2'; choose one of: S/2"),
+    (dict(variant="S/8", input_size=12), ValueError, "input size 12 is not divisible by the patch size 8"),
+    (dict(variant=DiTConfig(1, 10, 3, 2)), ValueError, "hidden size 10 is not divisible by num_heads 3"),
+    (dict(variant="S/2", dtype=np.int32), ValueError, "dtype must be float32 or float64"),
+])
+def test_construction_errors(kwargs, exc, match):
+    kwargs.setdefault("input_size", 8)
+    with pytest.raises(exc, match=match.replace("(", r"\(").replace(")", r"\)")):
+        DiT(**kwargs)
+
+
+def test_input_errors():
+    m = DiT(TINY, input_size=4, in_channels=2, num_classes=3)
+    x = np.zeros((2, 2, 4, 4), np.float32)
+    t, y = np.array([1, 2]), np.array([0, 1])
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2, 4, 4\) for this model, got \(2, 3, 4, 4\)"):
+        m.forward(np.zeros((2, 3, 4, 4), np.float32), t, y)
+    with pytest.raises(TypeError, match="x has dtype float64 but the model is float32"):
+        m.forward(x.astype(np.float64), t, y)
+    with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
+        m.forward(x, t, np.array([0]))
+    with pytest.raises(TypeError, match="t must be an integer array"):
+        m.forward(x, t.astype(np.float32), y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\] \(3 classes, 3 = the null class\), got min 0 max 4"):
+        m.forward(x, t, np.array([0, 4]))
+    with pytest.raises(ValueError, match="labels must lie"):
+        m.forward(x, t, np.array([-1, 0]))
