@@ -26,7 +26,7 @@ def _to_like(value, like):
 
 
 def _check_keys(d, expected: set, what: str):
-    """Strict key check with an error that names what is missing and what is unexpected."""
+    """Strict key check: a ValueError starting with ``what`` that names the missing and unexpected keys."""
     keys = set(d)
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing or unexpected:
@@ -35,7 +35,7 @@ def _check_keys(d, expected: set, what: str):
             parts.append(f"missing keys {missing}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
-        raise KeyError(f"{what} state_dict does not match: " + "; ".join(parts))
+        raise ValueError(f"{what}: " + "; ".join(parts))
 
 
 class AdamW:
@@ -77,7 +77,7 @@ class AdamW:
         """One AdamW update of ``params`` (in place) from ``grads`` (same names; missing names skipped)."""
         unknown = sorted(set(grads) - set(params))
         if unknown:
-            raise KeyError(f"gradients for unknown parameters {unknown}")
+            raise ValueError(f"gradients for unknown parameters {unknown}")
         self.step_count += 1
         b1, b2, lr, eps = self.beta1, self.beta2, self.lr, self.eps
         for name, p in params.items():
@@ -149,7 +149,7 @@ class AdamW:
         for name in names:
             if name in self._like:
                 expected |= {f"m.{name}", f"v.{name}", f"t.{name}"}
-        _check_keys(d, expected, "AdamW")
+        _check_keys(d, expected, "AdamW state_dict does not match")
         m, v, t = {}, {}, {}
         for name in names:
             like = self._like[name]
@@ -197,9 +197,11 @@ class EMA:
 
     def update(self, params: dict) -> None:
         """ema = d * ema + (1 - d) * p, in place on ``self.params`` (every name must be present)."""
-        _check_keys(params, set(self.params), "EMA update:")
+        _check_keys(params, set(self.params), "EMA update: params do not match the averaged copy")
         d = self.current_decay()
         for name, e in self.params.items():
+            if d == 1.0:  # frozen: skip, since (ema - p) + p need not round back to ema exactly
+                break
             p = params[name]
             # written as ema = d (ema - p) + p  ==  d ema + (1 - d) p, with no temporary array
             e -= p
@@ -217,7 +219,7 @@ class EMA:
     def load_state_dict(self, d: dict) -> None:
         """Restore a state saved by ``state_dict``; strict on keys and shapes; copies into the existing arrays."""
         expected = {"decay", "warmup", "num_updates"} | {f"params.{name}" for name in self.params}
-        _check_keys(d, expected, "EMA")
+        _check_keys(d, expected, "EMA state_dict does not match")
         for name, e in self.params.items():
             value = d[f"params.{name}"]
             if tuple(value.shape) != tuple(e.shape):

@@ -1,0 +1,482 @@
+"""Data for minidit: three kinds of class-conditional dataset behind one interface, and image output.
+
+    ds = load_dataset("digits")            # built in: rendered digits 0-9, generated once and cached (no download)
+    ds = load_dataset("path/to/folder")    # ImageFolder: one sub-folder per class, official DiT preprocessing
+    ds = load_dataset("path/to/z.npz")     # precomputed latents: arrays `latents` (N, C, h, w) and `labels` (N,)
+    x, y = ds.batch(step, batch_size, seed)   # x float32 (B, C, H, W), in [-1, 1] for images; y int64 (B,)
+
+Everything is loaded into host memory at construction (datasets here are small) and `batch` is a pure function of
+(step, batch_size, seed), so a resumed training run sees exactly the batches an uninterrupted one would have.
+
+Official preprocessing (facebookresearch/DiT `train.py`): ADM `center_crop_arr` -> RandomHorizontalFlip ->
+ToTensor -> Normalize(0.5, 0.5), i.e. pixels p in 0..255 become p / 127.5 - 1. Samples go back the way
+`sample_ddp.py` does it: clamp(127.5 x + 128, 0, 255) -> uint8.
+
+Needs Pillow >= 10.1 (the scalable bundled font behind `ImageFont.load_default(size=...)`) and tqdm.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm import tqdm
+
+from minidit.backend import to_numpy
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
+DIGITS_VERSION = 1  # part of the cache file name: bump it whenever the digit renderer changes
+
+# Independent random streams: np.random.default_rng([seed, a, b]) for different tags never coincide.
+# (Tags are non-zero because SeedSequence treats [s, e] and [s, e, 0] as the same seed.)
+_DIGITS_STREAM = 1
+_FLIP_STREAM = 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The common interface
+# ------------------------------------------------------------------------------------------------------------------
+
+class Dataset:
+    """An in-memory class-conditional dataset with deterministic, resumable batching.
+
+    data:   uint8 (N, C, H, W) pixels for kind "digits" / "folder"; float32 (N, C, h, w) for kind "latents"
+    labels: int64 (N,), values in 0..num_classes-1
+    flip:   whether `batch` applies random horizontal flips (the official augmentation; off for digits, whose
+            mirror images are not digits, and for latents, which the official pipeline flips before encoding)
+    """
+
+    def __init__(self, data, labels, class_names, kind, flip):
+        assert data.ndim == 4 and labels.shape == (data.shape[0],), (data.shape, labels.shape)
+        self.data = data
+        self.labels = labels.astype(np.int64)
+        self.class_names = list(class_names)
+        self.kind = kind
+        self.flip = flip
+        self._perm_memo = None  # (seed, epoch, permutation) of the last call: a cache, `batch` stays pure
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def channels(self):
+        return self.data.shape[1]
+
+    @property
+    def image_size(self):
+        return self.data.shape[2]  # square: H == W (pixel size for images, latent size for latents)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(kind={self.kind!r}, n={len(self)}, num_classes={self.num_classes}, "
+                f"channels={self.channels}, image_size={self.image_size}, flip={self.flip})")
+
+    def steps_per_epoch(self, batch_size):
+        """Number of full batches per pass over the data (the last partial batch is dropped)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size > len(self):
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(self)} {self.kind} "
+                             f"examples): use a batch size of at most {len(self)}")
+        return len(self) // batch_size
+
+    def _permutation(self, seed, epoch):
+        if self._perm_memo is None or self._perm_memo[:2] != (seed, epoch):
+            perm = np.random.default_rng([seed, epoch]).permutation(len(self))
+            self._perm_memo = (seed, epoch, perm)
+        return self._perm_memo[2]
+
+    def batch(self, step, batch_size, seed=0):
+        """Batch number `step` (0, 1, 2, ...) of an endless shuffled stream; a pure function of its arguments.
+
+        epoch = step // steps_per_epoch: each epoch is a fresh permutation from default_rng([seed, epoch]),
+        cut into steps_per_epoch = len // batch_size batches (drop_last). Flips come from
+        default_rng([seed, step, 2]). Returns x float32 (B, C, H, W) in [-1, 1] (latents: as stored), y int64 (B,).
+        """
+        if step < 0 or seed < 0:
+            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+        epoch, k = divmod(int(step), self.steps_per_epoch(batch_size))
+        idx = self._permutation(int(seed), epoch)[k * batch_size:(k + 1) * batch_size]  # (B,)
+        x = self.data[idx]    # (B, C, H, W), a copy
+        y = self.labels[idx]  # (B,)
+        if self.flip:
+            flip = np.random.default_rng([seed, step, _FLIP_STREAM]).random(batch_size) < 0.5  # (B,) bool
+            x[flip] = x[flip, :, :, ::-1]  # mirror along W
+        if self.kind == "latents":
+            return x.astype(np.float32, copy=False), y
+        return x.astype(np.float32) / 127.5 - 1.0, y  # ToTensor + Normalize(0.5, 0.5); stays float32
+
+
+def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_class=1000, cache_dir=None, flip=None):
+    """One entry point for all three kinds of dataset.
+
+    spec: "digits" (the built-in rendered digits) | a folder with one sub-folder per class | a .npz of latents.
+    image_size: output size for digits and folders; latents keep the spatial size they were encoded at.
+    seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
+    channels, n_per_class, cache_dir: digits only. flip: override the kind's default (see Dataset).
+    """
+    if spec == "digits":
+        ds = Digits(image_size=image_size, channels=channels, n_per_class=n_per_class, seed=seed, cache_dir=cache_dir)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            ds = ImageFolder(path, image_size)
+        elif path.is_file() and path.suffix == ".npz":
+            ds = Latents(path)
+        elif path.exists():
+            raise ValueError(f"don't know how to read {path}: pass 'digits', a folder with one sub-folder of "
+                             f"images per class, or a .npz file of latents")
+        else:
+            raise FileNotFoundError(f"no dataset at {path}: pass 'digits', a folder with one sub-folder of images "
+                                    f"per class, or a .npz file of latents")
+    if flip is not None:
+        ds.flip = bool(flip)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Built-in dataset: rendered digits
+# ------------------------------------------------------------------------------------------------------------------
+
+# The random variation of each rendered digit (uniform ranges). Tuned by eye on data/digits_preview.png:
+# every digit stays legible, no two samples are alike.
+DIGIT_RANGES = dict(
+    height=(0.55, 0.80),      # ink height as a fraction of the image side
+    aspect=(0.85, 1.15),      # extra horizontal stretch
+    rotation=(-12.0, 12.0),   # degrees, counter-clockwise
+    shear=(-0.20, 0.20),      # horizontal shear, > 0 leans the top to the right: slanted "handwriting"
+    shift=(-0.6, 0.6),        # fraction of the free margin on each side, per axis
+    stroke=(0.0, 0.032),      # extra stroke width as a fraction of the font size (rounded to whole pixels)
+    warp=(0.0, 0.025),        # std of the smooth random displacement, as a fraction of the image side
+    blur=(0.0, 0.5),          # Gaussian blur radius in output pixels
+    brightness=(0.80, 1.00),  # peak intensity of the (white) digit on black
+)
+_SUPERSAMPLE = 2  # each digit is drawn at 2x the output size and BOX-reduced (anti-aliasing)
+_WARP_GRID = 4    # the smooth displacement is bilinear between (4+1) x (4+1) random nodes
+
+
+def default_cache_dir():
+    """The repository's data/ folder if it exists and is writable, else ~/.cache/minidit."""
+    repo_data = Path(__file__).resolve().parent.parent / "data"
+    if repo_data.is_dir() and os.access(repo_data, os.W_OK):
+        return repo_data
+    cache = Path.home() / ".cache" / "minidit"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _master_glyphs(font_size):
+    """{(digit, stroke): (glyph as a PIL "L" image, ink center (x, y), ink height)} for every stroke width in
+    whole pixels that DIGIT_RANGES allows at this font size."""
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError as e:  # Pillow < 10.1: load_default() takes no size
+        raise RuntimeError("the digits dataset needs Pillow >= 10.1 for its scalable bundled font: "
+                           "pip install -U pillow") from e
+    side = 2 * font_size
+    glyphs = {}
+    for digit in range(10):
+        for stroke in range(round(DIGIT_RANGES["stroke"][1] * font_size) + 1):
+            img = Image.new("L", (side, side), 0)
+            draw = ImageDraw.Draw(img)
+            draw.text((side / 2, side / 2), str(digit), fill=255, font=font, anchor="mm",
+                      stroke_width=stroke, stroke_fill=255)
+            if digit == 1:
+                _add_foot(img, draw)
+            x0, y0, x1, y1 = img.getbbox()  # ink bounding box
+            glyphs[digit, stroke] = (img, ((x0 + x1) / 2, (y0 + y1) / 2), y1 - y0)
+    return glyphs
+
+
+def _add_foot(img, draw):
+    """Give the font's "1" a base bar, as in many handwritten and printed 1s: the bundled font's 1 has a long flag,
+    and once slanted and rotated a bare 1 is easily taken for a 7."""
+    x0, y0, x1, y1 = img.getbbox()
+    row = np.asarray(img)[y1 - 2]                      # second-lowest ink row: crosses only the stem, (side,)
+    stem = np.flatnonzero(row >= row.max() / 2)
+    center, width = (stem[0] + stem[-1] + 1) / 2, stem[-1] + 1 - stem[0]
+    half = 0.27 * (y1 - y0)                            # the foot spans about half the digit's height
+    draw.rectangle((center - half, y1 - 0.85 * width, center + half, y1 - 1), fill=255)
+
+
+def _sample_digit_params(rng, n):
+    """Draw the random variation of n digits at once, so the result does not depend on rendering order."""
+    p = {name: rng.uniform(*DIGIT_RANGES[name], size=n)
+         for name in ("height", "aspect", "rotation", "shear", "stroke", "warp", "blur", "brightness")}
+    p["shift"] = rng.uniform(*DIGIT_RANGES["shift"], size=(n, 2))
+    p["warp_noise"] = rng.standard_normal(size=(n, _WARP_GRID + 1, _WARP_GRID + 1, 2))
+    return p
+
+
+def _render_one(glyph, center, ink_height, image_size, p, i):
+    """One digit: warp the master glyph onto a supersampled canvas with a single PIL mesh transform, reduce, blur."""
+    side = image_size * _SUPERSAMPLE  # canvas side
+    # Forward map, glyph -> canvas: q = A (g - center) + t, with A = rotation @ shear @ scale.
+    sy = p["height"][i] * side / ink_height
+    sx = sy * p["aspect"][i]
+    th = math.radians(p["rotation"][i])
+    rot = np.array([[math.cos(th), math.sin(th)], [-math.sin(th), math.cos(th)]])  # y points down: ccw on screen
+    shear = np.array([[1.0, -p["shear"][i]], [0.0, 1.0]])  # x -= shear * y; y grows downward, so the top moves right
+    A = rot @ shear @ np.diag([sx, sy])                                                # (2, 2)
+    margin = (1.0 - p["height"][i]) / 2 * side
+    t = side / 2 + p["shift"][i] * margin                                              # (2,) canvas position
+    # Inverse map at the mesh nodes, canvas -> glyph; the random node displacement makes the warp "elastic".
+    nodes = np.linspace(0, side, _WARP_GRID + 1)
+    q = np.stack(np.meshgrid(nodes, nodes, indexing="xy"), axis=-1)                    # (G+1, G+1, 2) as (x, y)
+    q = q + p["warp_noise"][i] * p["warp"][i] * side
+    g = (q - t) @ np.linalg.inv(A).T + np.asarray(center)                              # (G+1, G+1, 2) glyph coords
+    mesh = []
+    step = side / _WARP_GRID
+    for r in range(_WARP_GRID):
+        for c in range(_WARP_GRID):
+            box = (round(c * step), round(r * step), round((c + 1) * step), round((r + 1) * step))
+            # source quad corners in PIL's order: upper-left, lower-left, lower-right, upper-right
+            quad = (*g[r, c], *g[r + 1, c], *g[r + 1, c + 1], *g[r, c + 1])
+            mesh.append((box, quad))
+    img = glyph.transform((side, side), Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR)
+    img = img.reduce(_SUPERSAMPLE)  # BOX filter down to image_size
+    if p["blur"][i] > 0.05:
+        img = img.filter(ImageFilter.GaussianBlur(float(p["blur"][i])))
+    return (np.asarray(img, dtype=np.float32) * p["brightness"][i]).round().astype(np.uint8)  # (H, W)
+
+
+def render_digits(n_per_class, image_size=32, seed=0, progress=True):
+    """Render n_per_class images of each digit 0-9 (white on black), deterministically from seed.
+
+    Returns images uint8 (N, H, W) and labels int64 (N,) with N = 10 * n_per_class; labels cycle 0, 1, ..., 9, 0, ...
+    """
+    if image_size < 8 or n_per_class < 1:
+        raise ValueError(f"digits need image_size >= 8 and n_per_class >= 1, got {image_size} and {n_per_class}")
+    n = 10 * n_per_class
+    labels = np.tile(np.arange(10, dtype=np.int64), n_per_class)  # (N,)
+    params = _sample_digit_params(np.random.default_rng([seed, _DIGITS_STREAM]), n)
+    # A 7 whose top leans left stands its diagonal stroke upright and starts to look like a 1: 7s only lean right.
+    seven = labels == 7
+    params["rotation"][seven] = -np.abs(params["rotation"][seven])  # clockwise
+    params["shear"][seven] = np.abs(params["shear"][seven])         # top to the right
+    font_size = _SUPERSAMPLE * image_size  # the master glyphs are about as large as the digits they become
+    glyphs = _master_glyphs(font_size)
+    strokes = np.round(params["stroke"] * font_size).astype(int)  # (N,) whole pixels
+    images = np.empty((n, image_size, image_size), dtype=np.uint8)
+    for i in tqdm(range(n), desc="rendering digits", unit="img", delay=2, disable=not progress):
+        glyph, center, ink_height = glyphs[int(labels[i]), int(strokes[i])]
+        images[i] = _render_one(glyph, center, ink_height, image_size, params, i)
+    return images, labels
+
+
+class Digits(Dataset):
+    """The built-in dataset: rendered digits 0-9, cached as data/digits-v1-32px-1000-seed0.npz (uint8 (N, H, W, 1)
+    `images`, int64 `labels`). Grayscale, repeated to 3 channels unless channels=1."""
+
+    def __init__(self, image_size=32, channels=3, n_per_class=1000, seed=0, cache_dir=None):
+        if channels not in (1, 3):
+            raise ValueError(f"digits have 1 or 3 channels, got {channels}")
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache_dir / f"digits-v{DIGITS_VERSION}-{image_size}px-{n_per_class}-seed{seed}.npz"
+        images = labels = None
+        if path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    images, labels = f["images"], f["labels"]
+                if images.shape != (10 * n_per_class, image_size, image_size, 1):
+                    raise ValueError(f"unexpected shape {images.shape}")
+            except Exception as e:  # a damaged cache is rebuilt, not fatal
+                warnings.warn(f"rebuilding the digits cache {path}: {e}")
+                images = labels = None
+        if images is None:
+            gray, labels = render_digits(n_per_class, image_size, seed)
+            images = gray[..., None]  # (N, H, W, 1)
+            try:
+                _atomic_write(path, lambda f: np.savez_compressed(f, images=images, labels=labels))
+            except OSError as e:  # a read-only place: carry on without a cache
+                warnings.warn(f"could not cache the digits at {path}: {e}")
+        data = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, 1, H, W)
+        if channels == 3:
+            data = np.repeat(data, 3, axis=1)                        # (N, 3, H, W)
+        super().__init__(data, labels, [str(d) for d in range(10)], kind="digits", flip=False)
+        self.cache_path = path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Image folder (official preprocessing)
+# ------------------------------------------------------------------------------------------------------------------
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop (guided-diffusion, used by DiT's train.py) -> uint8 (image_size, image_size, channels).
+
+    Halve with a BOX filter while the short side is >= 2 * image_size, BICUBIC-resize the short side to
+    image_size, then cut the central square with (dim - image_size) // 2 offsets.
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.Resampling.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(pil_image)  # (h, w[, C])
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def _is_image_file(path):
+    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+class ImageFolder(Dataset):
+    """root/<class_name>/**/<image>: sorted class names -> labels 0..K-1, images RGB, center_crop_arr'd to
+    image_size, held in memory as uint8. Unreadable files are skipped with one warning."""
+
+    def __init__(self, root, image_size=32):
+        root = Path(root)
+        layout = f"put each class's images in its own sub-folder: {root}/<class_name>/<image>.png"
+        if not root.exists():
+            raise FileNotFoundError(f"image folder {root} does not exist; {layout}")
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a folder; {layout}")
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        loose = sorted(f for f in root.iterdir() if _is_image_file(f))
+        if not class_dirs:
+            if loose:
+                raise ValueError(f"{root} holds {len(loose)} images but no class sub-folders; {layout} "
+                                 f"(for a single class, move them all into one sub-folder)")
+            raise ValueError(f"image folder {root} is empty; {layout}")
+        if loose:
+            warnings.warn(f"ignoring {len(loose)} images directly in {root}: only images in class sub-folders are used")
+
+        files, labels = [], []
+        for label, d in enumerate(class_dirs):
+            found = sorted(f for f in d.rglob("*")
+                           if _is_image_file(f) and not any(s.startswith(".") for s in f.relative_to(d).parts))
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise ValueError(f"found no images ({', '.join(IMG_EXTENSIONS)}) in the sub-folders of {root}; {layout}")
+        empty = [d.name for label, d in enumerate(class_dirs) if label not in set(labels)]
+        if empty:
+            raise ValueError(f"class sub-folders without images in {root}: {', '.join(empty)}; "
+                             f"add images to them or remove them")
+
+        images, kept, bad = [], [], []
+        for f, label in zip(tqdm(files, desc=f"loading {root.name}", unit="img", delay=2), labels):
+            try:
+                with Image.open(f) as img:
+                    images.append(center_crop_arr(img.convert("RGB"), image_size))  # (S, S, 3)
+                kept.append(label)
+            except (OSError, SyntaxError, ValueError) as e:  # corrupt, truncated or not really an image
+                bad.append((f, e))
+        if bad:
+            f, e = bad[0]
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}, e.g. {f} ({e})")
+        if not images:
+            raise ValueError(f"none of the {len(files)} image files in {root} could be read, e.g. {bad[0][0]}")
+        data = np.stack(images).transpose(0, 3, 1, 2)  # (N, S, S, 3) -> (N, 3, S, S)
+        super().__init__(np.ascontiguousarray(data), np.array(kept), [d.name for d in class_dirs],
+                         kind="folder", flip=True)
+        self.root = root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Precomputed latents
+# ------------------------------------------------------------------------------------------------------------------
+
+LATENTS_FORMAT = ("a latents file is an .npz with `latents` float (N, C, h, w) and `labels` int (N,) "
+                  "(optional: scalar `num_classes`), e.g. np.savez(path, latents=z, labels=y)")
+
+
+class Latents(Dataset):
+    """Precomputed latents (e.g. 0.18215 * VAE-encoded images), used as stored: no scaling, no flips."""
+
+    def __init__(self, path):
+        path = Path(path)
+        try:
+            f = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"could not read {path} as .npz ({e}); {LATENTS_FORMAT}") from e
+        with f:
+            for key in ("latents", "labels"):
+                if key not in f.files:
+                    raise KeyError(f"{path} has no array {key!r} (it has {f.files}); {LATENTS_FORMAT}")
+            latents, labels = f["latents"], f["labels"]
+            num_classes = int(f["num_classes"]) if "num_classes" in f.files else None
+        if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating):
+            raise ValueError(f"{path}: `latents` must be float (N, C, h, w), got {latents.dtype} {latents.shape}; "
+                             f"{LATENTS_FORMAT}")
+        if latents.shape[2] != latents.shape[3]:
+            raise ValueError(f"{path}: `latents` must be square (h == w), got shape {latents.shape}")
+        if labels.shape != (latents.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: `labels` must be int (N,) with N = {latents.shape[0]} to match `latents`, "
+                             f"got {labels.dtype} {labels.shape}; {LATENTS_FORMAT}")
+        if len(labels) == 0:
+            raise ValueError(f"{path} holds no latents")
+        if labels.min() < 0:
+            raise ValueError(f"{path}: `labels` must be >= 0, found {labels.min()}")
+        if num_classes is None:
+            num_classes = int(labels.max()) + 1
+        elif labels.max() >= num_classes:
+            raise ValueError(f"{path}: label {labels.max()} is out of range for num_classes={num_classes}")
+        super().__init__(np.ascontiguousarray(latents, dtype=np.float32), labels,
+                         [str(k) for k in range(num_classes)], kind="latents", flip=False)
+        self.path = path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Image output
+# ------------------------------------------------------------------------------------------------------------------
+
+def to_uint8_nhwc(x):
+    """Float images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), as sample_ddp.py: clamp(127.5 x + 128, 0, 255)."""
+    x = to_numpy(x)
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {x.shape}")
+    return np.clip(127.5 * x + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # truncates like .to(uint8)
+
+
+def save_grid(x, path, nrow=8, padding=2):
+    """Write float images (N, C, H, W) in [-1, 1], C = 1 or 3, as one PNG grid: nrow tiles per row, `padding` black
+    pixels between and around tiles (the layout of torchvision's save_image). Written atomically."""
+    imgs = to_uint8_nhwc(x)  # (N, H, W, C)
+    n, h, w, c = imgs.shape
+    if c not in (1, 3):
+        raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = imgs[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    _atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file next to path, then rename it over path: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0o600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    # python -m minidit.data: build the default digits cache and (re)draw data/digits_preview.png,
+    # one row per class, 16 samples each.
+    ds = load_dataset("digits")
+    per_class = 16
+    idx = np.concatenate([np.flatnonzero(ds.labels == k)[:per_class] for k in range(ds.num_classes)])
+    preview = ds.data[idx].astype(np.float32) / 127.5 - 1.0  # (160, 3, 32, 32)
+    out = Path(__file__).resolve().parent.parent / "data" / "digits_preview.png"
+    save_grid(preview, out, nrow=per_class)
+    print(f"{ds}\ncache: {ds.cache_path}\npreview: {out}")

@@ -1,0 +1,273 @@
+"""Train a DiT: `python -m minidit.train` (a small model on the built-in digits, on the CPU, in minutes) or
+`python -m minidit.train --backend cupy --variant S/2 --data latents.npz` (the official recipe on a GPU).
+
+One training step (facebookresearch/DiT train.py, hand-written here):
+
+    x0, y  = batch                  t ~ U{0..999}      eps ~ N(0, I)
+    x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                      (q_sample)
+    out    = DiT(x_t, t, y)         labels dropped to the null class with p = 0.1
+    loss   = MSE(eps, out[:, :C]) + VLB(out[:, C:] with the mean frozen)  (diffusion.training_loss)
+    grads  = DiT.backward(dloss/dout)
+    AdamW step, then the EMA update
+
+Everything random in step k is drawn from generators seeded by (seed, k), and the batch of step k is a
+pure function of (seed, k): so a resumed run reproduces the uninterrupted run's losses exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import BACKENDS, get_backend, to_device, to_numpy
+from .checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix, split_state
+from .data import load_dataset, save_grid
+from .diffusion import Diffusion
+from .model import DiT, get_config
+from .optim import EMA, AdamW
+from .sample import generate
+
+CKPT_NAME = "checkpoint.npz"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidit.train", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy", help="numpy (CPU) or cupy (CUDA)")
+    ap.add_argument("--variant", default="mini/4", help="S/2 ... XL/8 (official), or mini/2, mini/4 (small, for CPUs)")
+    ap.add_argument("--data", default="digits",
+                    help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
+                         "or an .npz of precomputed latents (arrays 'latents', 'labels')")
+    ap.add_argument("--image-size", type=int, default=32, help="image side in pixels (ignored for latents)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2500, help="training steps (ignored if --epochs is given)")
+    ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as in the paper)")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (paper: 0.9999)")
+    ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="use decay min(ema_decay, (1+n)/(10+n)) at update n, so a short run's EMA is usable")
+    ap.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for guidance")
+    ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
+                    help="learn the variance (output 2C channels, loss MSE + VLB)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/default", help="run directory: checkpoint, log, metrics, samples")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--ckpt-every", type=int, default=500)
+    ap.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: at the end only)")
+    ap.add_argument("--sample-steps", type=int, default=100, help="sampling steps of the grids written while training")
+    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grids written while training")
+    ap.add_argument("--resume", default=None,
+                    help="a checkpoint (or run directory) to continue from; the other options are taken from it")
+    args = ap.parse_args(argv)
+    for action in ap._actions:  # parse again without defaults: which options did the user give?
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(ap.parse_args(argv)))
+    return args, explicit
+
+
+# options that may change when a run is resumed; every other option is taken from the checkpoint
+RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
+                    "backend")
+
+
+class Run:
+    """Everything a training run owns; `state` / `load` are the checkpoint round trip."""
+
+    def __init__(self, args):
+        self.args = args
+        self.xp = get_backend(args.backend)
+        get_config(args.variant)  # fail early on an unknown variant
+        self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed)
+        self.model = DiT(args.variant, input_size=self.data.image_size, in_channels=self.data.channels,
+                         num_classes=self.data.num_classes, learn_sigma=args.learn_sigma,
+                         class_dropout_prob=args.class_dropout_prob, seed=args.seed, backend=args.backend)
+        self.diffusion = Diffusion("", learn_sigma=args.learn_sigma)
+        self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup)
+        self.step = 0
+        if args.epochs is not None:
+            self.total_steps = args.epochs * self.data.steps_per_epoch(args.batch_size)
+        else:
+            self.total_steps = args.steps
+            self.data.steps_per_epoch(args.batch_size)  # fails early if the batch is larger than the data
+
+    def ema_model(self):
+        """A DiT view of the EMA weights (shares the arrays: it sees every later EMA update)."""
+        m = DiT.__new__(DiT)
+        m.__dict__.update(self.model.__dict__)
+        m.params = self.ema.params
+        return m
+
+    def train_step(self, step):
+        """One step; returns the mean loss as a 0-d array on the backend (not synchronised)."""
+        xp, B = self.xp, self.args.batch_size
+        x0, y = self.data.batch(step, B, self.args.seed)
+        rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
+        t = rng.integers(0, self.diffusion.num_timesteps, size=B)
+        noise = rng.standard_normal(x0.shape, dtype=np.float32)
+        x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        out, cache = self.model.forward(x_t, t, y, train=True, rng=rng)
+        loss, _, dout = self.diffusion.training_loss(out, x0, t, noise)
+        grads = self.model.backward(dout, cache)
+        self.opt.step(self.model.params, grads)
+        self.ema.update(self.model.params)
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, path):
+        opt_arrays, opt_scalars = split_state(self.opt.state_dict())
+        ema_arrays, ema_scalars = split_state(self.ema.state_dict())
+        arrays = {**add_prefix(self.model.params, "model."), **add_prefix(ema_arrays, "ema."),
+                  **add_prefix(opt_arrays, "opt.")}
+        meta = {"format": "minidit-train-1", "step": self.step, "args": vars(self.args),
+                "model": {"variant": str(self.model.variant), "input_size": self.model.input_size,
+                          "in_channels": self.model.in_channels, "num_classes": self.model.num_classes,
+                          "learn_sigma": self.model.learn_sigma,
+                          "class_dropout_prob": self.model.class_dropout_prob},
+                "class_names": self.data.class_names, "opt": opt_scalars, "ema": ema_scalars,
+                "rng": "stateless: step k draws from default_rng([seed, k, ...]); seed is in args"}
+        save_checkpoint(path, arrays, meta)
+
+    def load(self, path):
+        arrays, meta = load_checkpoint(path)
+        self.model.load_state_dict(split_prefix(arrays, "model."))
+        dev = lambda d: {k: to_device(v, self.xp) for k, v in d.items()}  # noqa: E731
+        self.ema.load_state_dict({**dev(split_prefix(arrays, "ema.")), **meta["ema"]})
+        self.opt.load_state_dict({**dev(split_prefix(arrays, "opt.")), **meta["opt"]})
+        self.step = meta["step"]
+
+
+def resolve_resume(args, explicit):
+    """--resume PATH: the run's options come from its checkpoint; only RESUME_OVERRIDES may be changed."""
+    path = args.resume
+    if os.path.isdir(path):
+        path = os.path.join(path, CKPT_NAME)
+    _, meta = load_checkpoint(path)
+    if meta.get("format") != "minidit-train-1":
+        raise ValueError(f"{path} is not a training checkpoint of minidit.train; it cannot be resumed")
+    saved = dict(meta["args"])
+    clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
+    if clash:
+        raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
+                         f"checkpoint: {', '.join('--' + a.replace('_', '-') for a in sorted(clash))} "
+                         f"(only {', '.join('--' + a.replace('_', '-') for a in RESUME_OVERRIDES)} may change)")
+    saved.update({a: getattr(args, a) for a in explicit & set(RESUME_OVERRIDES)})
+    saved["resume"] = path
+    if "out" not in explicit:
+        saved["out"] = os.path.dirname(os.path.abspath(path))
+    return argparse.Namespace(**saved), path
+
+
+def write_grid(run, path, progress=False):
+    model = run.ema_model()
+    n = run.data.num_classes
+    per_class = max(1, min(10, 100 // n))
+    labels = [c for c in range(n) for _ in range(per_class)]
+    images = generate(model, labels, cfg_scale=run.args.cfg_scale, num_sampling_steps=run.args.sample_steps,
+                      seed=run.args.seed, progress=progress)
+    save_grid(images, path, nrow=per_class)
+
+
+def train(args, explicit=frozenset()):
+    """Run (or continue) training as `args` says; `explicit` = the option names the user gave."""
+    resume_path = None
+    if args.resume:
+        args, resume_path = resolve_resume(args, set(explicit))
+    os.makedirs(args.out, exist_ok=True)
+    run = Run(args)
+    if resume_path:
+        run.load(resume_path)
+    ckpt_path = os.path.join(args.out, CKPT_NAME)
+    log_file = open(os.path.join(args.out, "log.txt"), "a")
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+
+    def log(msg):
+        tqdm.write(msg)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    m = run.model
+    log(f"DiT {m.variant}: {m.num_params():,} parameters ({m.num_params(trainable_only=True):,} trainable), "
+        f"{m.gmacs():.3f} GMACs/image; data {run.data}; backend {args.backend}")
+    if resume_path:
+        log(f"resumed from {resume_path} at step {run.step}")
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):  # finish the current step, then checkpoint and exit
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    xp = run.xp
+    loss_sum = xp.zeros((), dtype=np.float32)
+    first_bad = None  # step of the first non-finite loss, found when the window is read
+    window_start, window_steps, t_window = run.step, 0, time.perf_counter()
+    window_losses = []
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while run.step < run.total_steps and not stop["requested"]:
+            loss = run.train_step(run.step)
+            window_losses.append(loss)
+            run.step += 1
+            window_steps += 1
+            bar.update(1)
+            end = run.step == run.total_steps or stop["requested"]
+            if run.step % args.log_every == 0 or end:
+                losses = to_numpy(xp.stack(window_losses)).astype(np.float64)  # the one sync per window
+                bad = np.flatnonzero(~np.isfinite(losses))
+                if bad.size:
+                    first_bad = window_start + int(bad[0])
+                    raise FloatingPointError(
+                        f"loss became {losses[bad[0]]} at step {first_bad}; stopping. The last good checkpoint "
+                        f"is {ckpt_path} (if one was written); try a lower --lr")
+                dt = time.perf_counter() - t_window
+                mean = float(losses.mean())
+                log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {window_steps / dt:.2f}")
+                metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": window_steps / dt,
+                                          "losses": losses.tolist(), "time": time.time()}) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / dt:.2f}")
+                window_start, window_steps, window_losses, t_window = run.step, 0, [], time.perf_counter()
+            if run.step % args.ckpt_every == 0 or end:
+                if window_losses:  # never checkpoint parameters that came from an unchecked loss
+                    losses = to_numpy(xp.stack(window_losses))
+                    if not np.all(np.isfinite(losses)):
+                        continue  # the log branch above raises at the end of this window
+                run.save(ckpt_path)
+            if args.sample_every and run.step % args.sample_every == 0 and not end:
+                write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}.png"))
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old_handler)
+    if stop["requested"]:
+        log(f"interrupted at step {run.step}; checkpoint written to {ckpt_path}; continue with --resume {args.out}")
+        return run
+    log(f"done: {run.step} steps; checkpoint {ckpt_path}")
+    grid = os.path.join(args.out, "samples.png")
+    write_grid(run, grid, progress=True)
+    log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps): {grid}")
+    return run
+
+
+def main(argv=None):
+    args, explicit = parse_args(argv)
+    try:
+        train(args, explicit)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Checkpoint files: round trip, atomic writes, clear errors, no pickles; RNG state through JSON."""
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from minidit import checkpoint as ckpt
+from minidit.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    split_prefix,
+    split_state,
+)
+from minidit.optim import EMA, AdamW
+
+
+def sample_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "model.blocks.0.attn.qkv.weight": rng.standard_normal((6, 2)).astype(np.float32),
+        "model.pos_embed": rng.standard_normal((1, 4, 2)).astype(np.float32),
+        "ema.params.pos_embed": np.zeros((1, 4, 2), np.float32),
+        "data.indices": np.arange(10, dtype=np.int64) * 2**40,
+        "scalar": np.float64(3.5),
+    }
+
+
+META = {"config": {"model": "DiT-S/2", "image_size": 256, "betas": [0.9, 0.999]}, "step": 1234,
+        "note": "ünïcødé", "none": None, "flag": True, "loss": 0.1234}
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "0001234.npz"
+    arrays = sample_arrays()
+    save_checkpoint(path, arrays, META)
+    got, meta = load_checkpoint(path)
+    assert meta == META
+    assert list(got) == list(arrays)
+    for k, v in arrays.items():
+        assert got[k].dtype == np.asarray(v).dtype and got[k].shape == np.shape(v), k
+        np.testing.assert_array_equal(got[k], v)
+    assert split_prefix(got, "model.").keys() == {"blocks.0.attn.qkv.weight", "pos_embed"}
+    assert split_prefix(got, "ema.params.") == {"pos_embed": got["ema.params.pos_embed"]}
+    assert os.listdir(tmp_path) == ["0001234.npz"]  # exactly that name, no ".npz" appended, no leftovers
+
+
+def test_reserved_keys_and_bad_meta(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "a.npz", {"__meta__": np.zeros(1)}, {})
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "a.npz", {"file": np.zeros(1)}, {})
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(tmp_path / "a.npz", {}, {"x": np.zeros(2)})
+    with pytest.raises(TypeError, match="dtype object"):
+        save_checkpoint(tmp_path / "a.npz", {"o": np.array([{"a": 1}], dtype=object)}, {})
+    assert os.listdir(tmp_path) == []
+
+
+def _failing_savez(file, *args, **kwds):
+    file.write(b"PK\x03\x04 half a checkpoint")
+    raise OSError("disk full (simulated)")
+
+
+def test_atomic_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"model.w": np.ones(3, np.float32)}, {"step": 1})
+    monkeypatch.setattr(np, "savez", _failing_savez)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, {"model.w": np.full(3, 2, np.float32)}, {"step": 2})
+    monkeypatch.undo()
+    arrays, meta = load_checkpoint(path)
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(arrays["model.w"], np.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.npz"]  # no temp file left behind
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(np, "savez", _failing_savez)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "new.npz", {"model.w": np.ones(3)}, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nope.npz")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.1])
+def test_truncated_file(tmp_path, keep):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, sample_arrays(), META)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_corrupt_bytes_in_array_data(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"model.w": np.zeros(1000, np.float32)}, META)
+    data = bytearray(path.read_bytes())
+    i = data.index(b"\x00" * 64)  # inside the zeros of the array data
+    data[i + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="not an .npz"):
+        load_checkpoint(path)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not an .npz"):
+        load_checkpoint(empty)
+    npy = tmp_path / "a.npy"
+    np.save(npy, np.zeros(3))
+    with pytest.raises(CheckpointError, match="single .npy"):
+        load_checkpoint(npy)
+
+
+def test_torch_files_are_recognised(tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+    with pytest.raises(CheckpointError, match="(?s)pickle.*never unpickles.*torch.load") as e:
+        load_checkpoint(legacy)
+    assert "save_checkpoint" in str(e.value)
+    # torch.save's zip format (torch >= 1.6): archive/data.pkl, archive/version, archive/data/0 ...
+    modern = tmp_path / "DiT-XL-2-256x256.pt"
+    with zipfile.ZipFile(modern, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/data/0", b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="(?s)PyTorch checkpoint.*convert"):
+        load_checkpoint(modern)
+
+
+def test_plain_npz_without_meta(tmp_path):
+    path = tmp_path / "plain.npz"
+    np.savez(path, w=np.zeros(2))
+    with pytest.raises(CheckpointError, match="no '__meta__'"):
+        load_checkpoint(path)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    meta = np.frombuffer(json.dumps({}).encode(), np.uint8)
+    np.savez(path, __meta__=meta, payload=np.array([{"a": 1}, None], dtype=object))  # np.savez pickles these
+    with pytest.raises(CheckpointError, match="'payload' is a pickled object array"):
+        load_checkpoint(path)
+
+
+def test_split_state():
+    params = {"w": np.ones(3), "pos_embed": np.zeros(2)}
+    opt = AdamW(params, lr=1e-3)
+    opt.step(params, {"w": np.ones(3)})
+    arrays, scalars = split_state(opt.state_dict())
+    assert set(arrays) == {"m.w", "v.w"}
+    assert scalars == {"step": 1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                       "weight_decay": 0.0, "t.w": 1}
+    json.dumps(scalars)
+
+
+def test_training_state_through_a_checkpoint(tmp_path):
+    """model + EMA + AdamW + RNG saved mid-run and resumed gives bit-identical continuation."""
+    rng = np.random.default_rng(5)
+    params = {"w": rng.standard_normal((3, 4)).astype(np.float32), "pos_embed": np.ones((1, 2), np.float32)}
+    opt = AdamW(params, lr=1e-2, weight_decay=0.01)
+    ema = EMA(params, decay=0.9, warmup=True)
+    gen = np.random.default_rng(9)
+
+    def train_step(params, opt, ema, gen):
+        opt.step(params, {"w": gen.standard_normal((3, 4)).astype(np.float32)})
+        ema.update(params)
+
+    for _ in range(3):
+        train_step(params, opt, ema, gen)
+    opt_arrays, opt_scalars = split_state(opt.state_dict())
+    ema_arrays, ema_scalars = split_state(ema.state_dict())
+    arrays = {
+        **ckpt.add_prefix(params, "model."),
+        **ckpt.add_prefix(ema_arrays, "ema."),
+        **ckpt.add_prefix(opt_arrays, "opt."),
+    }
+    meta = {"step": 3, "opt": opt_scalars, "ema": ema_scalars, "rng": rng_state(gen)}
+    save_checkpoint(tmp_path / "0000003.npz", arrays, meta)
+
+    for _ in range(2):
+        train_step(params, opt, ema, gen)
+
+    arrays, meta = load_checkpoint(tmp_path / "0000003.npz")
+    params2 = split_prefix(arrays, "model.")
+    opt2, ema2, gen2 = AdamW(params2), EMA(params2), np.random.default_rng(0)
+    opt2.load_state_dict({**split_prefix(arrays, "opt."), **meta["opt"]})
+    ema2.load_state_dict({**split_prefix(arrays, "ema."), **meta["ema"]})
+    set_rng_state(gen2, meta["rng"])
+    for _ in range(2):
+        train_step(params2, opt2, ema2, gen2)
+    for k in params:
+        np.testing.assert_array_equal(params2[k], params[k])
+        np.testing.assert_array_equal(ema2.params[k], ema.params[k])
+        assert params2[k].dtype == np.float32
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def test_rng_state_round_trip_through_json():
+    gen = np.random.default_rng(12345)
+    gen.standard_normal(7)
+    state = rng_state(gen)
+    text = json.dumps(state)
+    # the 128-bit PCG64 words survive any JSON reader: written as strings, not float-prone numbers
+    assert isinstance(state["state"]["state"], dict) and "__bigint__" in state["state"]["state"]
+    want = gen.standard_normal(5)
+    other = np.random.default_rng(0)
+    set_rng_state(other, json.loads(text))
+    np.testing.assert_array_equal(other.standard_normal(5), want)
+    assert other.bit_generator.state == gen.bit_generator.state
+
+
+def test_rng_state_other_bit_generators_and_errors():
+    gen = np.random.Generator(np.random.MT19937(3))  # state holds a uint32 array
+    gen.random(3)
+    state = json.loads(json.dumps(rng_state(gen)))
+    want = gen.integers(0, 2**62, size=4)
+    other = np.random.Generator(np.random.MT19937(0))
+    set_rng_state(other, state)
+    np.testing.assert_array_equal(other.integers(0, 2**62, size=4), want)
+    with pytest.raises(ValueError, match="MT19937.*PCG64"):
+        set_rng_state(np.random.default_rng(0), state)
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        rng_state(np.random.RandomState(0))
+
+
+def test_rng_state_in_checkpoint_meta(tmp_path):
+    gen = np.random.default_rng(2**70 + 5)
+    save_checkpoint(tmp_path / "r.npz", {}, {"rng": rng_state(gen)})
+    _, meta = load_checkpoint(tmp_path / "r.npz")
+    other = np.random.default_rng(1)
+    set_rng_state(other, meta["rng"])
+    np.testing.assert_array_equal(other.random(4), gen.random(4))
