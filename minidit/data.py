@@ -26,13 +26,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from minidit.backend import to_numpy
+from .backend import to_numpy
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
 DIGITS_VERSION = 1  # part of the cache file name: bump it whenever the digit renderer changes
 
-# Independent random streams: np.random.default_rng([seed, a, b]) for different tags never coincide.
-# (Tags are non-zero because SeedSequence treats [s, e] and [s, e, 0] as the same seed.)
+# Random streams that never coincide: epoch permutations [seed, epoch], flips [seed, step, 2], digit shapes
+# [seed, 0, 1]. The tags are non-zero because SeedSequence treats [s, e] and [s, e, 0] as the same seed.
 _DIGITS_STREAM = 1
 _FLIP_STREAM = 2
 
@@ -256,7 +256,7 @@ def render_digits(n_per_class, image_size=32, seed=0, progress=True):
         raise ValueError(f"digits need image_size >= 8 and n_per_class >= 1, got {image_size} and {n_per_class}")
     n = 10 * n_per_class
     labels = np.tile(np.arange(10, dtype=np.int64), n_per_class)  # (N,)
-    params = _sample_digit_params(np.random.default_rng([seed, _DIGITS_STREAM]), n)
+    params = _sample_digit_params(np.random.default_rng([seed, 0, _DIGITS_STREAM]), n)
     # A 7 whose top leans left stands its diagonal stroke upright and starts to look like a 1: 7s only lean right.
     seven = labels == 7
     params["rotation"][seven] = -np.abs(params["rotation"][seven])  # clockwise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -211,40 +210,38 @@ def train(args, explicit=frozenset()):
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     xp = run.xp
-    loss_sum = xp.zeros((), dtype=np.float32)
-    first_bad = None  # step of the first non-finite loss, found when the window is read
-    window_start, window_steps, t_window = run.step, 0, time.perf_counter()
-    window_losses = []
+    window_losses, window_start, t_window = [], run.step, time.perf_counter()
+
+    def read_window():
+        """The current window's losses on the host (the one device sync per window); a NaN/Inf stops the run."""
+        losses = to_numpy(xp.stack(window_losses)).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            raise FloatingPointError(
+                f"loss became {losses[bad[0]]} at step {window_start + int(bad[0])}; stopping. The last good "
+                f"checkpoint is {ckpt_path} (if one was written before that step); try a lower --lr")
+        return losses
+
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     try:
         while run.step < run.total_steps and not stop["requested"]:
-            loss = run.train_step(run.step)
-            window_losses.append(loss)
+            window_losses.append(run.train_step(run.step))
             run.step += 1
-            window_steps += 1
             bar.update(1)
             end = run.step == run.total_steps or stop["requested"]
             if run.step % args.log_every == 0 or end:
-                losses = to_numpy(xp.stack(window_losses)).astype(np.float64)  # the one sync per window
-                bad = np.flatnonzero(~np.isfinite(losses))
-                if bad.size:
-                    first_bad = window_start + int(bad[0])
-                    raise FloatingPointError(
-                        f"loss became {losses[bad[0]]} at step {first_bad}; stopping. The last good checkpoint "
-                        f"is {ckpt_path} (if one was written); try a lower --lr")
+                losses = read_window()
                 dt = time.perf_counter() - t_window
-                mean = float(losses.mean())
-                log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {window_steps / dt:.2f}")
-                metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": window_steps / dt,
+                mean, rate = float(losses.mean()), len(losses) / dt
+                log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {rate:.2f}")
+                metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": rate,
                                           "losses": losses.tolist(), "time": time.time()}) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / dt:.2f}")
-                window_start, window_steps, window_losses, t_window = run.step, 0, [], time.perf_counter()
+                bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{rate:.2f}")
+                window_losses, window_start, t_window = [], run.step, time.perf_counter()
             if run.step % args.ckpt_every == 0 or end:
-                if window_losses:  # never checkpoint parameters that came from an unchecked loss
-                    losses = to_numpy(xp.stack(window_losses))
-                    if not np.all(np.isfinite(losses)):
-                        continue  # the log branch above raises at the end of this window
+                if window_losses:
+                    read_window()  # never write parameters that came from an unchecked loss
                 run.save(ckpt_path)
             if args.sample_every and run.step % args.sample_every == 0 and not end:
                 write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}.png"))
