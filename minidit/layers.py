@@ -87,7 +87,8 @@ class ModulateCache(NamedTuple):
 
 def modulate_forward(x, shift, scale):
     """x (N, T, D), shift (N, D), scale (N, D) -> (N, T, D)."""
-    out = x * (1 + scale[:, None, :]) + shift[:, None, :]
+    out = x * (1 + scale[:, None, :])
+    out += shift[:, None, :]
     return out, ModulateCache(x, scale)
 
 
@@ -154,27 +155,49 @@ class GELUCache(NamedTuple):
 def gelu_forward(x):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = get_xp(x)
-    th = xp.tanh(GELU_C * (x + GELU_A * x * x * x))
-    return 0.5 * x * (1 + th), GELUCache(x, th)
+    th = x * x  # computed in place, one buffer: th = tanh(C (x + A x^3))
+    th *= x
+    th *= GELU_A
+    th += x
+    th *= GELU_C
+    xp.tanh(th, out=th)
+    y = th + 1  # y = 0.5 x (1 + th)
+    y *= x
+    y *= 0.5
+    return y, GELUCache(x, th)
 
 
 def gelu_backward(dy, cache):
     """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     x, th = cache
-    return dy * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * GELU_C * (1 + 3 * GELU_A * x * x))
+    g = x * x  # g = 0.5 C x (1 + 3 A x^2) (1 - th^2), built in place
+    g *= 3 * GELU_A
+    g += 1
+    g *= x
+    g *= 0.5 * GELU_C
+    sech2 = th * th  # 1 - th^2
+    xp = get_xp(x)
+    xp.subtract(1, sech2, out=sech2)
+    g *= sech2
+    g += 0.5 * (1 + th)
+    g *= dy
+    return g
 
 
 def softmax_forward(s):
     """Softmax over the last axis, shifted by the row max for stability. Returns (a, a): a is its own cache."""
     xp = get_xp(s)
-    a = xp.exp(s - s.max(axis=-1, keepdims=True))
+    a = s - s.max(axis=-1, keepdims=True)
+    xp.exp(a, out=a)
     a /= a.sum(axis=-1, keepdims=True)
     return a, a
 
 
 def softmax_backward(da, a):
     """The softmax Jacobian is diag(a) - a a^T, so ds = a * (da - sum(da * a))  (sum over the last axis)."""
-    return a * (da - (da * a).sum(axis=-1, keepdims=True))
+    ds = da * a
+    ds -= a * ds.sum(axis=-1, keepdims=True)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +220,8 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads):
     qkv, c_qkv = linear_forward(x, w_qkv, b_qkv)  # (N, T, 3D)
     qkv = qkv.reshape(N, T, 3, num_heads, hs).transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (N, NH, T, hs)
-    s = (q @ k.transpose(0, 1, 3, 2)) * hs**-0.5  # (N, NH, T, T) scores
+    s = q @ k.transpose(0, 1, 3, 2)  # (N, NH, T, T) scores
+    s *= hs**-0.5
     a, _ = softmax_forward(s)  # (N, NH, T, T)
     y = a @ v  # (N, NH, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(N, T, D)  # (N, T, NH, hs) -> (N, T, D)

@@ -35,7 +35,9 @@ def test_linear(seed, N, T, din, dout):
     check((lambda x, w, b: L.linear_forward(x, w, b), L.linear_backward), ["x", "w", "b"], inputs, rng)
 
 
-@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(2, 8), scale=st.floats(0.1, 10))
+# D >= 3: at D = 2 the output is +-sqrt(var / (var + eps)) ~ +-1 whatever x is, so the gradient is ~eps/var,
+# below what central differences can resolve.
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(3, 8), scale=st.floats(0.1, 10))
 def test_layernorm(seed, N, T, D, scale):
     rng = np.random.default_rng(seed)
     inputs = dict(x=randn(rng, N, T, D, scale=scale) + rng.standard_normal())
