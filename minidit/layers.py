@@ -30,18 +30,21 @@ class LinearCache(NamedTuple):
 
 
 def linear_forward(x, w, b):
-    """x (..., in), w (out, in), b (out,) -> y (..., out)."""
-    y = x @ w.T
+    """x (..., in), w (out, in), b (out,) -> y (..., out).
+
+    The leading axes are flattened so that BLAS sees one (M, in) @ (in, out) product rather than a
+    loop of small ones; w.T is a view, and BLAS reads it transposed without a copy."""
+    y = x.reshape(-1, x.shape[-1]) @ w.T  # (M, out), M = product of the leading axes
     y += b
-    return y, LinearCache(x, w)
+    return y.reshape(*x.shape[:-1], w.shape[0]), LinearCache(x, w)
 
 
 def linear_backward(dy, cache):
     """dx = dy W,   dW = dy^T x (summed over all leading axes),   db = sum dy."""
     x, w = cache
-    dx = dy @ w  # (..., in)
-    x2 = x.reshape(-1, x.shape[-1])  # (M, in) with M = product of leading axes
+    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+    dx = (dy2 @ w).reshape(x.shape)  # (..., in)
     dw = dy2.T @ x2  # (out, in)
     db = dy2.sum(axis=0)  # (out,)
     return dx, dw, db
