@@ -5,12 +5,15 @@ Rules the rest of minidit follows:
   * data crosses host <-> device only at the edges (data loading, logging, checkpoints, image files),
     through ``to_device`` and ``to_numpy``;
   * random numbers for the device path come from ``make_rng(xp, seed)`` so they are drawn where they are used.
+
+Backends: "numpy" (CPU), "cupy" (CUDA), and "strict" (minidit.strict: a CPU emulation of a device for tests, whose
+arrays refuse to meet NumPy as CuPy's do and count every host sync).
 """
 from __future__ import annotations
 
 import numpy as np
 
-BACKENDS = ("numpy", "cupy")
+BACKENDS = ("numpy", "cupy", "strict")
 
 
 def _cupy():
@@ -30,17 +33,27 @@ def _cupy():
 
 
 def get_backend(name: str):
-    """Array module for a backend name: 'numpy' or 'cupy'."""
+    """Array module for a backend name: 'numpy', 'cupy' or 'strict'."""
     if name == "numpy":
         return np
     if name == "cupy":
         return _cupy()
+    if name == "strict":
+        from . import strict
+
+        return strict
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def get_xp(*arrays):
-    """Array module (numpy or cupy) of the given arrays; numpy if none is a device array."""
+    """Array module (numpy, cupy, strict) of the given arrays; numpy if none is a device array.
+
+    An array type may name its module with a ``__minidit_xp__`` class attribute (minidit.strict does).
+    """
     for a in arrays:
+        xp = getattr(type(a), "__minidit_xp__", None)
+        if xp is not None:
+            return xp
         mod = type(a).__module__
         if mod.startswith("cupy"):
             import cupy

@@ -240,13 +240,23 @@ class Diffusion:
 
     # -- gathering ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _extract(table, t, x):
+    def _extract(self, table, t, x):
         """table[t] as an array of x's module and dtype, shaped (N, 1, 1, ...) to broadcast against x."""
         xp = get_xp(x)
         t = xp.asarray(t)
-        vals = xp.asarray(table)[t].astype(x.dtype)  # gather in float64, then cast (like _extract_into_tensor)
+        vals = self._table_on(table, xp)[t].astype(x.dtype)  # gather in float64, then cast (like _extract_into_tensor)
         return vals.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+    def _table_on(self, table, xp):
+        """A host table on xp's device, copied once and reused: a copy per call would be a host -> device transfer
+        (on CuPy, one that waits for the device) a dozen times per training step."""
+        if xp is np:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        hit = cache.get((id(table), xp.__name__))
+        if hit is None or hit[0] is not table:  # keyed by identity; the host table is kept so its id stays unique
+            hit = cache[(id(table), xp.__name__)] = (table, xp.asarray(table))
+        return hit[1]
 
     def _split_output(self, model_output, x):
         """(N, 2C, H, W) -> eps, v  (learn_sigma) or (N, C, H, W) -> eps, None."""
@@ -374,7 +384,7 @@ class Diffusion:
         """Respaced index i -> (t, t_model): (N,) int64 arrays on x's module; t_model = timestep_map[t]."""
         xp = get_xp(x)
         t = xp.full((x.shape[0],), i, dtype=xp.int64)
-        return t, xp.asarray(self.timestep_map)[t]
+        return t, self._table_on(self.timestep_map, xp)[t]
 
     def _indices(self, progress):
         """num_timesteps-1 .. 0, wrapped in a tqdm bar when progress is set."""

@@ -334,9 +334,10 @@ class DiT:
                 raise ValueError(f"{name} must have shape ({N},) (one per image), got {tuple(getattr(a, 'shape', ()))}")
             if a.dtype.kind not in "iu":
                 raise TypeError(f"{name} must be an integer array, got {a.dtype}")
-        if get_xp(x) is not self.xp:
-            raise TypeError(f"x is a {type(x).__module__} array but the model lives on {self.xp.__name__}; "
-                            "move inputs with minidit.backend.to_device")
+        for name, a in (("x", x), ("t", t), ("y", y)):
+            if get_xp(a) is not self.xp:
+                raise TypeError(f"{name} is a {type(a).__module__} array but the model lives on "
+                                f"{self.xp.__name__}; move inputs with minidit.backend.to_device")
         if self.xp is np and N:  # value checks read the data: done on the host only, never a device sync
             top = self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
             if y.min() < 0 or y.max() >= top:

@@ -22,6 +22,8 @@ from .backend import get_xp, to_device, to_numpy
 def _to_like(value, like):
     """A fresh array with ``like``'s module and dtype holding ``value`` (host or device)."""
     xp = get_xp(like)
+    if get_xp(value) is xp:  # already on that side: a copy there, not a round trip through the host
+        return value.astype(like.dtype, copy=True)
     return to_device(to_numpy(value), xp).astype(like.dtype, copy=True)
 
 

@@ -24,7 +24,7 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     3 reproduces the official checkpoints' sample.py).
     """
     xp = model.xp
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError("give at least one class label")
     if labels.min() < 0 or labels.max() >= model.num_classes:
@@ -75,7 +75,8 @@ def main(argv=None):
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
-    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy",
+                    help="numpy (CPU), cupy (CUDA), or strict (a CPU emulation of a device, for testing)")
     ap.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class)")
     ap.add_argument("--out", default="sample.png", help="PNG grid to write")
     ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C) and labels to this .npz")
