@@ -79,3 +79,16 @@ def to_numpy(x):
 def make_rng(xp, seed):
     """A random Generator living on the same side as xp's arrays."""
     return xp.random.default_rng(seed)
+
+
+def memory_report(xp):
+    """One line on device memory for the log ("" on the host): CuPy's memory pool, used / held bytes."""
+    if getattr(xp, "__name__", "") != "cupy":
+        return ""
+    pool = xp.get_default_memory_pool()
+    return f"GPU memory pool: {pool.used_bytes() / 2**30:.2f} GiB used / {pool.total_bytes() / 2**30:.2f} GiB held"
+
+
+def is_out_of_memory(exc):
+    """Whether an exception is a device (CuPy) or host (NumPy) out-of-memory error."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .backend import BACKENDS, get_backend, to_device, to_numpy
+from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report, to_device, to_numpy
 from .checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix, split_state
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
@@ -239,7 +239,8 @@ def train(args, explicit=frozenset()):
                 losses = read_window()
                 dt = time.perf_counter() - t_window
                 mean, rate = float(losses.mean()), len(losses) / dt
-                log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {rate:.2f}")
+                log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {rate:.2f}"
+                    + (f"; {mem}" if (mem := memory_report(xp)) else ""))
                 metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": rate,
                                           "losses": losses.tolist(), "time": time.time()}) + "\n")
                 metrics.flush()
@@ -270,6 +271,11 @@ def main(argv=None):
         train(args, explicit)
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:
+        if is_out_of_memory(e):
+            sys.exit(f"error: out of memory at batch size {args.batch_size} ({type(e).__name__}: {e}); "
+                     "try a smaller --batch-size")
+        raise
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def test_sample_cli(tmp_path):
 def test_unknown_variant_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown DiT variant 'Q/3'"):
         train_mod.main(["--variant", "Q/3", "--out", str(tmp_path)])
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+    def oom(self, step):
+        raise MemoryError("Unable to allocate 12.0 GiB")
+
+    monkeypatch.setattr(train_mod.Run, "train_step", oom)
+    with pytest.raises(SystemExit, match="out of memory at batch size 4 .*try a smaller --batch-size"):
+        train_mod.main(FAST + ["--steps", "2", "--out", str(tmp_path / "o")])
+
+
+def test_memory_report_reads_the_cupy_pool():
+    import types
+
+    from minidit.backend import memory_report
+
+    pool = types.SimpleNamespace(used_bytes=lambda: 3 * 2**30, total_bytes=lambda: 4 * 2**30)
+    fake_cupy = types.SimpleNamespace(__name__="cupy", get_default_memory_pool=lambda: pool)
+    assert memory_report(fake_cupy) == "GPU memory pool: 3.00 GiB used / 4.00 GiB held"
+    assert memory_report(np) == ""
