@@ -1,0 +1,466 @@
+"""How fast is a minidit training step, and how far from the machine's matmul peak?
+
+    python -m minidit.bench --preset small --compare-torch    # mini/4 on 32x32x3, batch 32, against PyTorch eager
+    python -m minidit.bench --preset all                      # small, s4 (S/4, batch 16), s2 (S/2, batch 8)
+    python -m minidit.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
+
+Per configuration it prints
+  * ms per training step, split into forward (q_sample + DiT forward), backward (loss, its gradient and the DiT
+    backward) and optimizer (AdamW + EMA); images/s;
+  * achieved GFLOP/s from the analytic count. Convention: training FLOPs per image = 3 x 2 x forward MACs
+    (backward = 2 forwards; 2 FLOPs per multiply-add; matmuls only, as the paper's "Gflops" = MACs count them);
+  * the float32 matmul peak measured in the same run with the same threads (the best n x n @ n x n product, probed
+    before the runs and after each round of them) and the fraction of it reached;
+  * peak memory of a step (what is measured is printed next to each number);
+  * with --compare-torch: the same step in PyTorch eager (the same weights via torch_reference.build_torch_dit,
+    float32, the official loss, torch.optim.AdamW, the official EMA update), in alternating runs A B A B ...
+
+Timing: after --warmup steps per side, --runs runs (pairs when comparing) of --steps steps each; a run's time is
+the median of its steps, a side's time is the median over runs, and the ratio is the median of per-pair ratios.
+On the CPU, phases are timed with time.perf_counter; on CUDA with events. Speed is measured here, never in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from .backend import BACKENDS, get_backend, to_device
+from .diffusion import Diffusion
+from .model import DiT, forward_macs, get_config
+from .optim import EMA, AdamW
+
+PRESETS = {  # the configurations of the speed issue
+    "small": dict(variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32),
+    "s4": dict(variant="S/4", input_size=32, in_channels=4, num_classes=1000, batch_size=16),
+    "s2": dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, batch_size=8),
+}
+DEFAULTS = dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, batch_size=8)
+MiB = float(2**20)
+
+
+# ----------------------------------------------------------------------------------------------
+# threads, timers, the matmul peak
+# ----------------------------------------------------------------------------------------------
+def limit_threads(n):
+    """Limit this process's BLAS / OpenMP pools to n threads (NumPy's BLAS reads its env vars only at import,
+    so threadpoolctl does it at run time). Returns how the count was set, for the output."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print(f"warning: threadpoolctl is not installed, so the BLAS thread count is NOT set to {n} "
+              "(pip install -e \".[bench]\", or set OPENBLAS_NUM_THREADS and OMP_NUM_THREADS before python starts)",
+              file=sys.stderr)
+        return "not set (threadpoolctl missing)"
+    threadpool_limits(limits=n)  # stays in force for the process
+    return f"{n} (threadpoolctl)"
+
+
+class HostTimer:
+    """Phase times from time.perf_counter: right for NumPy and CPU torch, whose calls return when done."""
+
+    def start(self):
+        self.t = [time.perf_counter()]
+
+    def mark(self):
+        self.t.append(time.perf_counter())
+
+    def phases(self):
+        return [b - a for a, b in zip(self.t, self.t[1:])]
+
+
+class EventTimer:
+    """Phase times from CUDA events recorded on the stream; phases() waits for the last event."""
+
+    def __init__(self, new_event, elapsed_ms):
+        self.new_event, self.elapsed_ms = new_event, elapsed_ms
+
+    def start(self):
+        self.events = []
+        self.mark()
+
+    def mark(self):
+        e = self.new_event()
+        e.record()
+        self.events.append(e)
+
+    def phases(self):
+        self.events[-1].synchronize()
+        return [self.elapsed_ms(a, b) / 1e3 for a, b in zip(self.events, self.events[1:])]
+
+
+def cupy_timer(cp):
+    return EventTimer(cp.cuda.Event, cp.cuda.get_elapsed_time)
+
+
+def torch_cuda_timer(torch):
+    return EventTimer(lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
+
+
+class MatmulPeak:
+    """Float32 GFLOP/s of an n x n @ n x n product (2 n^3 FLOPs); `best` is the fastest of every run so far.
+    The bench probes it before the timed runs and again after each round of runs, so a machine whose load
+    changes during the bench still reports the best it could do in this run."""
+
+    def __init__(self, matmul, make, timer, n):
+        self.matmul, self.timer, self.n = matmul, timer, n
+        self.a, self.b = make(n), make(n)
+        matmul(self.a, self.b)  # warm-up (library and thread start-up)
+        self.best, self.count = 0.0, 0
+
+    def probe(self, repeats=1):
+        for _ in range(repeats):
+            self.timer.start()
+            self.matmul(self.a, self.b)
+            self.timer.mark()
+            self.best = max(self.best, 2 * self.n**3 / self.timer.phases()[0] / 1e9)
+            self.count += 1
+        return self.best
+
+
+# ----------------------------------------------------------------------------------------------
+# the two sides: one training step each, phases (forward, backward incl. loss, optimizer) in seconds
+# ----------------------------------------------------------------------------------------------
+def make_batch(spec, seed=0):
+    """x0, y, t, noise as host arrays (the same batch every step, for both sides)."""
+    rng = np.random.default_rng(seed)
+    N, C, S = spec["batch_size"], spec["in_channels"], spec["input_size"]
+    x0 = rng.standard_normal((N, C, S, S), dtype=np.float32)
+    y = rng.integers(0, spec["num_classes"], size=N)
+    t = rng.integers(0, 1000, size=N)
+    noise = rng.standard_normal((N, C, S, S), dtype=np.float32)
+    return x0, y, t, noise
+
+
+class MiniditSide:
+    name = "minidit"
+
+    def __init__(self, spec, backend, batch):
+        self.xp = xp = get_backend(backend)
+        self.model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
+                         num_classes=spec["num_classes"], seed=0, backend=backend)
+        self.diffusion = Diffusion("")
+        self.opt, self.ema = AdamW(self.model.params, lr=1e-4), EMA(self.model.params, decay=0.9999)
+        self.x0, self.y, self.t, self.noise = (to_device(a, xp) for a in batch)
+        self.rng = np.random.default_rng(1)  # label dropout
+        self.timer = HostTimer() if xp is np else cupy_timer(xp)
+        self.label = f"minidit {backend}"
+
+    def step(self):
+        m, tm = self.model, self.timer
+        tm.start()
+        x_t = self.diffusion.q_sample(self.x0, self.t, self.noise)
+        out, cache = m.forward(x_t, self.t, self.y, train=True, rng=self.rng)
+        tm.mark()
+        _, _, dout = self.diffusion.training_loss(out, self.x0, self.t, self.noise)
+        grads = m.backward(dout, cache)
+        tm.mark()
+        self.opt.step(m.params, grads)
+        self.ema.update(m.params)
+        tm.mark()
+        return tm.phases()
+
+
+class TorchSide:
+    name = "torch"
+
+    def __init__(self, minidit_model, batch, device):
+        import torch
+
+        from .torch_reference import TorchDiffusion, build_torch_dit, update_ema
+        self.torch, self.update_ema = torch, update_ema
+        self.model = build_torch_dit(minidit_model, torch.float32, device).train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)  # official train.py
+        self.diffusion = TorchDiffusion()
+        self.x0, self.y, self.t, self.noise = (torch.from_numpy(a).to(device) for a in batch)
+        self.timer = HostTimer() if device == "cpu" else torch_cuda_timer(torch)
+        self.label = "torch eager" + ("" if device == "cpu" else " cuda")
+
+    def step(self):
+        tm = self.timer
+        tm.start()
+        x_t = self.diffusion.q_sample(self.x0, self.t, self.noise)
+        out = self.model(x_t, self.t, self.y)
+        tm.mark()
+        loss = self.diffusion.losses_from_output(out, self.x0, x_t, self.t, self.noise)["loss"].mean()
+        self.opt.zero_grad()  # official order: zero_grad, backward, step, update_ema
+        loss.backward()
+        tm.mark()
+        self.opt.step()
+        self.update_ema(self.ema, self.model)
+        tm.mark()
+        return tm.phases()
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+# ----------------------------------------------------------------------------------------------
+def _proc_status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(key)
+
+
+def rss_growth_first_step(side):
+    """Resident-set high-water growth over one step: reset VmHWM to the current RSS (Linux clear_refs 5), step,
+    read VmHWM. Bytes, or None where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss0 = _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+    side.step()
+    return _proc_status_bytes("VmHWM") - rss0
+
+
+def rss_growth_in_fresh_process(side_name, spec, threads):
+    """Run rss_growth_first_step for one side in a new Python process, so neither side inherits the other's heap."""
+    cmd = [sys.executable, "-m", "minidit.bench", "--memory-child", side_name, "--threads", str(threads),
+           "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
+           str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth"]
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError):
+        return None
+
+
+def memory_child(side_name, spec, threads):
+    batch = make_batch(spec)
+    side = MiniditSide(spec, "numpy", batch)
+    if side_name == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        side = TorchSide(side.model, batch, "cpu")
+    print(json.dumps({"rss_growth": rss_growth_first_step(side)}))
+
+
+def traced_step_peak(side):
+    """NumPy: peak bytes traced by tracemalloc during one step (NumPy registers its buffers with tracemalloc),
+    counting only allocations made during the step, i.e. above what was held before it."""
+    tracemalloc.start()
+    try:
+        side.step()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def cupy_step_peak(side):
+    """CuPy: empty the pool's cache, step, and read the bytes the pool holds beyond those in use before the step
+    (the pool keeps every block it needed, so this is the step's peak demand, rounded up to the pool's blocks)."""
+    pool = side.xp.get_default_memory_pool()
+    side.xp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    used0 = pool.used_bytes()
+    side.step()
+    side.xp.cuda.Device().synchronize()
+    return pool.total_bytes() - used0
+
+
+def torch_cuda_step_peak(side):
+    torch = side.torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    side.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - m0
+
+
+# ----------------------------------------------------------------------------------------------
+# one configuration
+# ----------------------------------------------------------------------------------------------
+def _median_phases(steps):
+    """[(fwd, bwd, opt), ...] -> medians of fwd, bwd, opt, and of the step total."""
+    arr = np.array(steps)
+    return list(np.median(arr, axis=0)) + [float(np.median(arr.sum(axis=1)))]
+
+
+def bench_config(spec, args):
+    """Measure one configuration; prints its block and returns the numbers as a dict."""
+    cfg = get_config(spec["variant"])
+    macs = forward_macs(cfg, spec["input_size"], spec["in_channels"])
+    train_flops = 3 * 2 * macs  # per image
+    N = spec["batch_size"]
+    batch = make_batch(spec)
+    mini = MiniditSide(spec, args.backend, batch)
+    xp = mini.xp
+    print(f"== minidit.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
+          f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}, "
+          f"threads {args.threads_note} ==")
+    print(f"model: {mini.model.num_params() / 1e6:.2f}M parameters; forward {macs / 1e9:.4f} GMACs/image")
+    print(f"FLOP convention: training FLOPs/image = 3 x 2 x forward MACs = {train_flops / 1e9:.4f} GFLOP "
+          "(backward = 2 forwards, 2 FLOPs per multiply-add; matmuls only, elementwise ops not counted)")
+
+    sides, peaks = [mini], {}
+    n = args.peak_size
+    if xp is np:
+        peaks["numpy"] = MatmulPeak(np.matmul, lambda k: np.random.default_rng(0).random((k, k), np.float32),
+                                    HostTimer(), n)
+    else:
+        n = max(n, 8192)  # a GPU needs a bigger product to reach its peak
+        peaks["cupy"] = MatmulPeak(xp.matmul, lambda k: xp.random.random((k, k), dtype=xp.float32), cupy_timer(xp), n)
+    tside = None
+    if args.compare_torch:
+        try:
+            import torch
+            device = "cpu" if xp is np else "cuda"
+            if device == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("this torch build has no CUDA")
+            if device == "cpu":
+                torch.set_num_threads(args.threads)
+                print(f"torch threads: torch.set_num_threads({args.threads})")
+            tside = TorchSide(mini.model, batch, device)
+            sides.append(tside)
+            t_timer = HostTimer() if device == "cpu" else torch_cuda_timer(torch)
+            peaks["torch"] = MatmulPeak(torch.mm, lambda k: torch.rand(k, k, device=device), t_timer, n)
+        except Exception as e:  # ImportError or a CUDA problem: say so in one line and go on without torch
+            print(f"torch: unavailable ({type(e).__name__}: {e}); install it with pip install -e \".[torch]\"")
+    for p in peaks.values():
+        p.probe(repeats=3)
+
+    for _ in range(args.warmup):
+        for s in sides:
+            s.step()
+    runs = {s.name: [] for s in sides}  # name -> per run: [fwd, bwd, opt, step] medians
+    for _ in range(args.runs):
+        for s in sides:  # alternating A B A B ...
+            runs[s.name].append(_median_phases([s.step() for _ in range(args.steps)]))
+        for p in peaks.values():
+            p.probe()
+    peak = max(p.best for p in peaks.values())
+    print(f"float32 matmul peak ({n}x{n} @ {n}x{n}, same threads, best of {peaks[next(iter(peaks))].count} runs spread "
+          "over the bench): " + ", ".join(f"{k} {p.best:.1f} GFLOP/s" for k, p in peaks.items())
+          + f"; 'of peak' below is of {peak:.1f}")
+
+    print(f"timing: {args.runs} run{'s' if args.runs > 1 else ''} x {args.steps} step{'s' if args.steps > 1 else ''}"
+          f" per side after {args.warmup} warm-up step{'s' if args.warmup != 1 else ''}"
+          + (", alternating minidit / torch" if tside else "")
+          + "; each number = median over runs of the run's median step")
+    print(f"{'':16s} {'forward ms':>11s} {'backward ms':>12s} {'optimizer ms':>13s} {'step ms':>9s} "
+          f"{'images/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    result = dict(spec=spec, gmacs=macs / 1e9, train_gflop_per_image=train_flops / 1e9,
+                  peaks={k: p.best for k, p in peaks.items()}, sides={})
+    for s in sides:
+        fwd, bwd, opt, step = (statistics.median(r[i] for r in runs[s.name]) for i in range(4))
+        gflops = train_flops * N / step / 1e9
+        print(f"{s.label:16s} {fwd * 1e3:11.1f} {bwd * 1e3:12.1f} {opt * 1e3:13.1f} {step * 1e3:9.1f} "
+              f"{N / step:9.1f} {gflops:8.1f} {gflops / peak:8.1%}")
+        result["sides"][s.name] = dict(forward_s=fwd, backward_s=bwd, optimizer_s=opt, step_s=step,
+                                       images_per_s=N / step, gflops=gflops, fraction_of_peak=gflops / peak,
+                                       run_step_s=[r[3] for r in runs[s.name]])
+    if tside:
+        ratios = [a[3] / b[3] for a, b in zip(runs["minidit"], runs["torch"])]
+        result["ratio_minidit_over_torch"] = statistics.median(ratios)
+        print(f"step-time ratio minidit / torch: median of {len(ratios)} per-pair ratios = "
+              f"{statistics.median(ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in ratios)})")
+
+    if args.memory:
+        result["memory"] = report_memory(mini, tside, spec, args)
+    print()
+    return result
+
+
+def report_memory(mini, tside, spec, args):
+    params = sum(int(p.nbytes) for p in mini.model.params.values())
+    print(f"memory held between steps, both sides: params {params / MiB:.1f} MiB + AdamW m, v {2 * params / MiB:.1f}"
+          f" MiB + EMA copy {params / MiB:.1f} MiB")
+    mem = {"params_bytes": params}
+    if mini.xp is np:
+        mem["minidit_tracemalloc"] = traced_step_peak(mini)
+        print(f"memory, minidit step peak (tracemalloc): {mem['minidit_tracemalloc'] / MiB:.1f} MiB = NumPy buffers "
+              "live at once during one step after warm-up, beyond those held before it")
+        names = ["minidit"] + (["torch"] if tside else [])
+        for name in names:
+            mem[f"{name}_rss_growth"] = rss_growth_in_fresh_process(name, spec, args.threads)
+        print("memory, resident-set growth over the first step in a fresh process (VmHWM after minus RSS before; "
+              "includes creating AdamW's m and v): "
+              + "; ".join(f"{name} " + (f"{mem[f'{name}_rss_growth'] / MiB:.1f} MiB"
+                                        if mem[f"{name}_rss_growth"] is not None else "n/a") for name in names))
+    else:
+        mem["minidit_pool"] = cupy_step_peak(mini)
+        line = (f"memory, step peak on the GPU: minidit {mem['minidit_pool'] / MiB:.1f} MiB (CuPy pool bytes needed "
+                "by one step started from an empty cache, beyond those in use before it)")
+        if tside:
+            mem["torch_cuda"] = torch_cuda_step_peak(tside)
+            line += (f"; torch {mem['torch_cuda'] / MiB:.1f} MiB (torch.cuda.max_memory_allocated during one step "
+                     "minus allocated before it)")
+        print(line)
+    return mem
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidit.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
+    ap.add_argument("--preset", choices=[*PRESETS, "all"], default=None,
+                    help="small: mini/4 on 32x32x3, 10 classes, batch 32; s4: S/4 on 32x32x4, batch 16; "
+                         "s2: S/2 at batch 8; all: the three. Options given explicitly override a preset's.")
+    ap.add_argument("--variant", default=None, help=f"DiT variant (default {DEFAULTS['variant']})")
+    ap.add_argument("--input-size", "--image-size", dest="input_size", type=int, default=None,
+                    help=f"model input side (latent or pixel), default {DEFAULTS['input_size']}")
+    ap.add_argument("--in-channels", type=int, default=None, help=f"default {DEFAULTS['in_channels']}")
+    ap.add_argument("--num-classes", type=int, default=None, help=f"default {DEFAULTS['num_classes']}")
+    ap.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the runs")
+    ap.add_argument("--runs", type=int, default=5, help="runs per side (pairs with --compare-torch)")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP threads for both sides")
+    ap.add_argument("--compare-torch", action="store_true", help="also time the same step in PyTorch eager")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
+    ap.add_argument("--memory-child", choices=["minidit", "torch"], default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for name in ("steps", "runs", "threads", "batch_size", "peak_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    return args
+
+
+def specs_from_args(args):
+    names = list(PRESETS) if args.preset == "all" else [args.preset] if args.preset else [None]
+    specs = []
+    for name in names:
+        spec = dict(PRESETS[name] if name else DEFAULTS)
+        spec.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
+        get_config(spec["variant"])  # a clear error for an unknown variant
+        specs.append(spec)
+    return specs
+
+
+def main(argv=None):
+    """Run the benchmark; returns the exit status (0, or 2 when the backend is unavailable)."""
+    args = parse_args(argv)
+    args.threads_note = limit_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, specs_from_args(args)[0], args.threads)
+        return 0
+    try:
+        get_backend(args.backend)
+    except RuntimeError as e:
+        print(f"minidit.bench: backend {args.backend} unavailable: {e}")
+        return 2
+    for spec in specs_from_args(args):
+        bench_config(spec, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Smoke tests of `python -m minidit.bench`: it runs on a tiny configuration and prints every field.
+No timing assertions: speed is measured by the command, never by tests."""
+import importlib.util
+
+import pytest
+
+from minidit import bench
+
+TINY = ["--variant", "mini/4", "--input-size", "8", "--in-channels", "3", "--num-classes", "4", "--batch-size", "2",
+        "--steps", "1", "--warmup", "0", "--runs", "1", "--peak-size", "64"]
+FIELDS = ["FLOP convention: training FLOPs/image = 3 x 2 x forward MACs", "float32 matmul peak", "forward ms",
+          "backward ms", "optimizer ms", "step ms", "images/s", "GFLOP/s", "of peak", "minidit numpy",
+          "memory held between steps", "step peak (tracemalloc)", "resident-set growth over the first step"]
+
+
+def test_bench_numpy_smoke(capsys):
+    assert bench.main(TINY) == 0
+    out = capsys.readouterr().out
+    for field in FIELDS:
+        assert field in out, field
+    assert "DiT mini/4, input 8x8x3, 4 classes, batch 2" in out
+    assert "minidit " in out.split("resident-set growth")[1] and "n/a" not in out.split("resident-set growth")[1]
+
+
+def test_bench_compare_torch_smoke(capsys):
+    pytest.importorskip("torch")
+    assert bench.main(TINY + ["--compare-torch"]) == 0
+    out = capsys.readouterr().out
+    for field in FIELDS + ["torch eager", "step-time ratio minidit / torch: median of 1 per-pair ratios"]:
+        assert field in out, field
+    assert "torch " in out.split("resident-set growth")[1]
+
+
+def test_presets_and_overrides():
+    args = bench.parse_args(["--preset", "all", "--batch-size", "4"])
+    specs = bench.specs_from_args(args)
+    assert [s["variant"] for s in specs] == ["mini/4", "S/4", "S/2"]
+    assert all(s["batch_size"] == 4 for s in specs)
+    assert bench.specs_from_args(bench.parse_args(["--preset", "small"]))[0] == dict(
+        variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32)
+    assert bench.parse_args(["--image-size", "16"]).input_size == 16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+def test_cupy_unavailable_is_one_clear_line(capsys):
+    assert bench.main(TINY + ["--backend", "cupy"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "cupy" in out[0] and ".[cuda12]" in out[0]
