@@ -11,6 +11,7 @@ Linear weights stored (out, in)), so official checkpoints load by name and every
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, NamedTuple
@@ -278,6 +279,12 @@ class DiT:
                 w = rng.uniform(-a, a, size=shape)
             params[name] = w.astype(self.dtype)
         return params
+
+    def using(self, params):
+        """This model reading another parameter dict (shared, not copied), e.g. the EMA weights."""
+        view = copy.copy(self)
+        view.params = params
+        return view
 
     def trainable(self):
         """Names of the parameters that receive gradients (all but the frozen pos_embed)."""

@@ -48,7 +48,7 @@ def parse_args(argv=None):
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
     ap.add_argument("--image-size", type=int, default=32, help="image side in pixels (ignored for latents)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2500, help="training steps (ignored if --epochs is given)")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps (ignored if --epochs is given)")
     ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
     ap.add_argument("--lr", type=float, default=None,
                     help="AdamW learning rate, constant (default: the paper's 1e-4 for the official variants, "
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: at the end only)")
-    ap.add_argument("--sample-steps", type=int, default=100, help="sampling steps of the grids written while training")
+    ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the grids written while training")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grids written while training")
     ap.add_argument("--resume", default=None,
                     help="a checkpoint (or run directory) to continue from; the other options are taken from it")
@@ -103,13 +103,6 @@ class Run:
         else:
             self.total_steps = args.steps
             self.data.steps_per_epoch(args.batch_size)  # fails early if the batch is larger than the data
-
-    def ema_model(self):
-        """A DiT view of the EMA weights (shares the arrays: it sees every later EMA update)."""
-        m = DiT.__new__(DiT)
-        m.__dict__.update(self.model.__dict__)
-        m.params = self.ema.params
-        return m
 
     def train_step(self, step):
         """One step; returns the mean loss as a 0-d array on the backend (not synchronised)."""
@@ -173,7 +166,7 @@ def resolve_resume(args, explicit):
 
 
 def write_grid(run, path, progress=False):
-    model = run.ema_model()
+    model = run.model.using(run.ema.params)  # the EMA weights
     n = run.data.num_classes
     per_class = max(1, min(10, 100 // n))
     labels = [c for c in range(n) for _ in range(per_class)]
