@@ -15,13 +15,14 @@ from .diffusion import Diffusion, cfg_model_fn
 
 
 def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
-             guide_channels=None, progress=True):
+             guide_channels=None, clip_denoised=False, progress=True):
     """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
 
     The starting noise is drawn on the host from `seed`, so a seed gives the same images on every backend
     (up to floating-point differences); the per-step noise comes from a generator on the model's backend.
     guide_channels: how many leading output channels guidance mixes (None = all C noise channels;
-    3 reproduces the official checkpoints' sample.py).
+    3 reproduces the official checkpoints' sample.py). clip_denoised clamps each step's predicted x0 to [-1, 1]:
+    right for pixel data (ADM does it), off for latents (DiT's scripts sample latents unclipped).
     """
     xp = model.xp
     labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
@@ -48,9 +49,9 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
             return forward(x, t, y)
     rng = make_rng(xp, seed + 1)
     if sampler == "ddpm":
-        x0 = diffusion.p_sample_loop(model_fn, noise, rng, progress=progress)
+        x0 = diffusion.p_sample_loop(model_fn, noise, rng, clip_denoised=clip_denoised, progress=progress)
     elif sampler == "ddim":
-        x0 = diffusion.ddim_sample_loop(model_fn, noise, rng, eta=eta, progress=progress)
+        x0 = diffusion.ddim_sample_loop(model_fn, noise, rng, eta=eta, clip_denoised=clip_denoised, progress=progress)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     return to_numpy(x0).astype(np.float32)
@@ -73,6 +74,8 @@ def main(argv=None):
     ap.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of diffusion steps")
     ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    ap.add_argument("--clip-denoised", action="store_true",
+                    help="clamp the predicted x0 to [-1, 1] at every step (for pixel data; off for latents, as DiT)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
@@ -87,7 +90,8 @@ def main(argv=None):
         if labels is None:
             labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
         images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
-                          sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels)
+                          sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels,
+                          clip_denoised=args.clip_denoised)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     nrow = args.nrow or (args.per_class if args.class_labels is None else min(len(labels), 8))

@@ -47,6 +47,8 @@ def parse_args(argv=None):
                     help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
     ap.add_argument("--image-size", type=int, default=32, help="image side in pixels (ignored for latents)")
+    ap.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                    help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1500, help="training steps (ignored if --epochs is given)")
     ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
@@ -88,7 +90,7 @@ class Run:
         self.args = args
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
-        self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed)
+        self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
         self.model = DiT(args.variant, input_size=self.data.image_size, in_channels=self.data.channels,
                          num_classes=self.data.num_classes, learn_sigma=args.learn_sigma,
                          class_dropout_prob=args.class_dropout_prob, seed=args.seed, backend=args.backend)
@@ -171,7 +173,7 @@ def write_grid(run, path, progress=False):
     per_class = max(1, min(10, 100 // n))
     labels = [c for c in range(n) for _ in range(per_class)]
     images = generate(model, labels, cfg_scale=run.args.cfg_scale, num_sampling_steps=run.args.sample_steps,
-                      seed=run.args.seed, progress=progress)
+                      seed=run.args.seed, clip_denoised=run.data.kind != "latents", progress=progress)
     save_grid(images, path, nrow=per_class)
 
 
