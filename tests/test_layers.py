@@ -1,6 +1,5 @@
 """Every op's backward against central differences in float64, on shapes and values drawn by hypothesis."""
 import numpy as np
-import pytest
 from hypothesis import given, strategies as st
 
 from minidit import layers as L
