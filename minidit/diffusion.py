@@ -194,6 +194,8 @@ class Diffusion:
         elif isinstance(timestep_respacing, int):
             timestep_respacing = str(timestep_respacing)
         kept = space_timesteps(diffusion_steps, timestep_respacing)
+        if len(kept) < 2:  # the clipped posterior log-variance at t = 0 borrows the value at t = 1
+            raise ValueError(f"respacing {timestep_respacing!r} keeps {len(kept)} step(s); sampling needs at least 2")
 
         # respaced betas: beta'_i = 1 - ab[s_i] / ab[s_{i-1}] (ab before the first kept step = 1),
         # so ab'_i = ab[s_i] exactly. The official code always does this, even when it keeps every step.

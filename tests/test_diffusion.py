@@ -543,3 +543,8 @@ def test_cfg_inside_sampler():
     assert out.dtype == np.float32 and out.shape == (2, 4, 2, 2) and np.isfinite(out).all()
     assert [int(c[1][0]) for c in calls] == list(d.timestep_map[::-1])
     assert all(c[0].shape[0] == 4 and c[1].dtype == np.int64 for c in calls)
+
+
+def test_fewer_than_two_steps_is_a_clear_error():
+    with pytest.raises(ValueError, match="keeps 1 step"):
+        Diffusion("1")
