@@ -76,6 +76,13 @@ def to_numpy(x):
     return np.asarray(x)
 
 
+def to_backend(x, xp, dtype=None):
+    """x (host or device) as an array of module xp, cast to dtype if given; no copy where none is needed."""
+    if get_xp(x) is not xp:
+        x = to_device(to_numpy(x), xp)
+    return x if dtype is None else x.astype(dtype, copy=False)
+
+
 def make_rng(xp, seed):
     """A random Generator living on the same side as xp's arrays."""
     return xp.random.default_rng(seed)

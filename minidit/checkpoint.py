@@ -251,12 +251,19 @@ def set_rng_state(gen, state: dict) -> None:
 
 
 # ---------------------------------------------------------------- a model from a checkpoint
+CKPT_NAME = "checkpoint.npz"  # the file minidit.train keeps in its run directory
+
+
+def checkpoint_file(path):
+    """A checkpoint path, or a run directory -> the checkpoint file inside it."""
+    return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
+
+
 def load_model(path, ema=True, backend="numpy"):
     """Build the DiT a training checkpoint describes and load its EMA weights (or the raw ones, ema=False)."""
     from .model import DiT  # here, not at the top: the model does not depend on checkpoints
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.npz")
+    path = checkpoint_file(path)
     arrays, meta = load_checkpoint(path)
     if "model" not in meta:
         raise CheckpointError(f"{path!r} does not say which DiT it holds (no 'model' entry in its metadata)")

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_backend, get_xp, to_device, to_numpy
+from .backend import get_backend, get_xp, to_backend, to_device
 from .layers import (
     attention_backward, attention_forward, embedding_backward, embedding_forward, gated_residual_backward,
     gated_residual_forward, get_2d_sincos_pos_embed, layernorm_backward, layernorm_forward, linear_backward,
@@ -322,8 +322,7 @@ class DiT:
             lines.append("  build the model with the variant and options the checkpoint was trained with")
             raise ValueError("\n".join(lines))
         for k, v in state.items():
-            self.params[k][...] = to_device(to_numpy(v).astype(self.dtype), self.xp) if get_xp(v) is not self.xp \
-                else v.astype(self.dtype, copy=False)
+            self.params[k][...] = to_backend(v, self.xp, self.dtype)
 
     # -- forward / backward ----------------------------------------------------------------------
     def check_inputs(self, x, t, y):

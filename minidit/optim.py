@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_xp, to_device, to_numpy
+from .backend import get_xp, to_backend
 
 
 def _to_like(value, like):
     """A fresh array with ``like``'s module and dtype holding ``value`` (host or device)."""
-    xp = get_xp(like)
-    if get_xp(value) is xp:  # already on that side: a copy there, not a round trip through the host
-        return value.astype(like.dtype, copy=True)
-    return to_device(to_numpy(value), xp).astype(like.dtype, copy=True)
+    return to_backend(value, get_xp(like), like.dtype).copy()
 
 
 def _check_keys(d, expected: set, what: str):

@@ -26,14 +26,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report, to_device, to_numpy
-from .checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix, split_state
+from .checkpoint import (CKPT_NAME, add_prefix, checkpoint_file, load_checkpoint, save_checkpoint, split_prefix,
+                         split_state)
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
 from .model import DiT, get_config
 from .optim import EMA, AdamW
 from .sample import generate
 
-CKPT_NAME = "checkpoint.npz"
 
 
 def parse_args(argv=None):
@@ -148,9 +148,7 @@ class Run:
 
 def resolve_resume(args, explicit):
     """--resume PATH: the run's options come from its checkpoint; only RESUME_OVERRIDES may be changed."""
-    path = args.resume
-    if os.path.isdir(path):
-        path = os.path.join(path, CKPT_NAME)
+    path = checkpoint_file(args.resume)
     _, meta = load_checkpoint(path)
     if meta.get("format") != "minidit-train-1":
         raise ValueError(f"{path} is not a training checkpoint of minidit.train; it cannot be resumed")
