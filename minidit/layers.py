@@ -11,12 +11,13 @@ Shapes: N batch, T tokens, D hidden size, NH heads, hs = D / NH head size, p pat
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
+from .backend import get_xp, to_device
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -341,6 +342,17 @@ def unpatchify_backward(dout, p):
 # ----------------------------------------------------------------------------------------------
 # Embeddings of the conditioning
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _timestep_frequencies(xp, half, max_period):
+    """freqs_i = exp(-ln(max_period) i / half) in float32, computed once with numpy's exp and kept on xp.
+
+    Computed on the host so that every backend multiplies t by the same numbers: a GPU's float32 exp may differ by
+    one unit in the last place, which t * freqs turns into ~6e-5 at t = 999 (measured on an H200 with CuPy).
+    """
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half)
+    return to_device(freqs.astype(np.float32), xp)
+
+
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding of integer timesteps (GLIDE/ADM), computed in float32 as the official code.
 
@@ -349,7 +361,7 @@ def timestep_embedding(t, dim=256, max_period=10000):
     """
     xp = get_xp(t)
     half = dim // 2
-    freqs = xp.exp(-math.log(max_period) * xp.arange(half, dtype=xp.float32) / half)  # (half,)
+    freqs = _timestep_frequencies(xp, half, max_period)  # (half,)
     args = t.astype(xp.float32)[:, None] * freqs[None]  # (N, half)
     emb = xp.concatenate([xp.cos(args), xp.sin(args)], axis=-1)
     if dim % 2:
