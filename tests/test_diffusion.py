@@ -487,6 +487,31 @@ def test_samplers_reproduce_gaussian_data():
         assert abs(out.mean()) < 0.03, (name, out.mean())
 
 
+def test_respaced_samplers_land_on_the_data_with_the_exact_denoiser():
+    """Data = 5 images (uniform mixture) and the exact posterior mean E[x_0 | x_t] as the model: respaced DDPM
+    (learned range) and DDIM with clipping must each end on one of the images, not between them. This is the
+    sampler half of "does training give digits?": with a perfect network the samplers are exact."""
+    rng = np.random.default_rng(0)
+    data = np.sign(rng.standard_normal((5, 2 * 4 * 4)))  # (K, C*H*W), pixels +-1 like binary images
+    base = Diffusion("").alphas_cumprod
+
+    def model_fn(x, t_model):
+        ab = base[t_model][:, None]  # (N, 1)
+        xf = x.reshape(len(x), -1)  # (N, P)
+        logw = -((xf[:, None] - np.sqrt(ab)[:, :, None] * data[None]) ** 2).sum(-1) / (2 * (1 - ab))  # (N, K)
+        w = np.exp(logw - logw.max(1, keepdims=True))
+        x0 = (w / w.sum(1, keepdims=True)) @ data  # (N, P) posterior mean
+        eps = ((xf - np.sqrt(ab) * x0) / np.sqrt(1 - ab)).reshape(x.shape)
+        return np.concatenate([eps, np.zeros_like(eps)], 1)  # v = 0: the middle of the learned range
+
+    noise = rng.standard_normal((12, 2, 4, 4))
+    d = Diffusion("50")
+    for name, out in [("ddpm", d.p_sample_loop(model_fn, noise, np.random.default_rng(1), clip_denoised=True)),
+                      ("ddim", d.ddim_sample_loop(model_fn, noise, np.random.default_rng(1), clip_denoised=True))]:
+        dist = ((out.reshape(12, 1, -1) - data[None]) ** 2).mean(-1).min(1)  # (12,) to the nearest image
+        assert dist.max() < 1e-4, (name, dist)
+
+
 # ----------------------------------------------------------------------------------------------------
 # classifier-free guidance
 
