@@ -274,6 +274,7 @@ def load_model(path, ema=True, backend="numpy"):
     cfg = meta["model"]
     model = DiT(cfg["variant"], input_size=cfg["input_size"], in_channels=cfg["in_channels"],
                 num_classes=cfg["num_classes"], learn_sigma=cfg["learn_sigma"],
-                class_dropout_prob=cfg["class_dropout_prob"], backend=backend)
+                class_dropout_prob=cfg["class_dropout_prob"], backend=backend,
+                block=cfg.get("block", "adaln-zero"))  # checkpoints from before block types are adaLN-Zero
     model.load_state_dict(state)
     return model

@@ -205,9 +205,46 @@ def softmax_backward(da, a):
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-head self-attention (timm's Attention): qkv = x W_qkv^T + b laid out [q | k | v], each split
-# into NH contiguous heads; a = softmax(q k^T / sqrt(hs)); y = a v; heads concatenated; out = proj(y)
+# Multi-head attention. Self-attention (timm's Attention): qkv = x W_qkv^T + b laid out [q | k | v], each
+# split into NH contiguous heads; a = softmax(q k^T / sqrt(hs)); y = a v; heads concatenated; out = proj(y).
+# Cross-attention (the paper's cross-attention block): the same, with k and v computed from other tokens.
 # ----------------------------------------------------------------------------------------------
+def attend_forward(q, k, v):
+    """Scaled dot-product attention of every head: q (N, NH, T, hs), k and v (N, NH, S, hs) -> y (N, NH, T, hs).
+
+    a = softmax(q k^T / sqrt(hs)) over the S keys (N, NH, T, S);  y = a v.   Returns y, a.
+    """
+    s = q @ k.transpose(0, 1, 3, 2)  # (N, NH, T, S) scores
+    s *= q.shape[-1] ** -0.5
+    a, _ = softmax_forward(s)
+    return a @ v, a
+
+
+def attend_backward(dy, q, k, v, a):
+    """Returns dq, dk, dv of attend_forward.
+
+    y = a v            ->  da = dy v^T,   dv = a^T dy
+    a = softmax(s)     ->  ds = a * (da - sum(da * a))
+    s = q k^T / sqrt(hs) -> dq = ds k / sqrt(hs),   dk = ds^T q / sqrt(hs)
+    """
+    dv = a.transpose(0, 1, 3, 2) @ dy  # (N, NH, S, hs)
+    ds = softmax_backward(dy @ v.transpose(0, 1, 3, 2), a)  # (N, NH, T, S)
+    ds *= q.shape[-1] ** -0.5
+    return ds @ k, ds.transpose(0, 1, 3, 2) @ q, dv
+
+
+def split_heads(x, num_heads):
+    """(N, T, D) -> (N, NH, T, hs), a view where the layout allows."""
+    N, T, D = x.shape
+    return x.reshape(N, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(N, NH, T, hs) -> (N, T, D): the heads side by side, as the projection reads them."""
+    N, NH, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(N, T, NH * hs)
+
+
 class AttentionCache(NamedTuple):
     qkv: LinearCache  # input x (N, T, D) and W_qkv
     q: Array  # (N, NH, T, hs)
@@ -218,43 +255,64 @@ class AttentionCache(NamedTuple):
 
 
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads):
-    """x (N, T, D) -> (N, T, D)."""
+    """Multi-head self-attention (timm's Attention, fused qkv laid out [q | k | v]): x (N, T, D) -> (N, T, D)."""
     N, T, D = x.shape
     hs = D // num_heads
     qkv, c_qkv = linear_forward(x, w_qkv, b_qkv)  # (N, T, 3D)
     qkv = qkv.reshape(N, T, 3, num_heads, hs).transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # each (N, NH, T, hs)
-    s = q @ k.transpose(0, 1, 3, 2)  # (N, NH, T, T) scores
-    s *= hs**-0.5
-    a, _ = softmax_forward(s)  # (N, NH, T, T)
-    y = a @ v  # (N, NH, T, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(N, T, D)  # (N, T, NH, hs) -> (N, T, D)
-    out, c_proj = linear_forward(y, w_proj, b_proj)  # (N, T, D)
+    y, a = attend_forward(q, k, v)
+    out, c_proj = linear_forward(merge_heads(y), w_proj, b_proj)  # (N, T, D)
     return out, AttentionCache(c_qkv, q, k, v, a, c_proj)
 
 
 def attention_backward(dout, cache):
-    """Returns dx, dW_qkv, db_qkv, dW_proj, db_proj.
-
-    y = a v            ->  da = dy v^T,   dv = a^T dy
-    a = softmax(s)     ->  ds = a * (da - sum(da * a))
-    s = q k^T / sqrt(hs) -> dq = ds k / sqrt(hs),   dk = ds^T q / sqrt(hs)
-    """
+    """Returns dx, dW_qkv, db_qkv, dW_proj, db_proj."""
     c_qkv, q, k, v, a, c_proj = cache
     xp = get_xp(dout)
     N, NH, T, hs = q.shape
     dy, dw_proj, db_proj = linear_backward(dout, c_proj)  # (N, T, D)
-    dy = dy.reshape(N, T, NH, hs).transpose(0, 2, 1, 3)  # (N, NH, T, hs)
-    da = dy @ v.transpose(0, 1, 3, 2)  # (N, NH, T, T)
     dqkv = xp.empty((N, T, 3, NH, hs), dtype=dout.dtype)  # the [q | k | v] layout of the qkv output
     dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs) view into dqkv
-    dqkv_heads[2] = a.transpose(0, 1, 3, 2) @ dy  # dv
-    ds = softmax_backward(da, a)
-    ds *= hs**-0.5
-    dqkv_heads[0] = ds @ k  # dq
-    dqkv_heads[1] = ds.transpose(0, 1, 3, 2) @ q  # dk
+    dqkv_heads[0], dqkv_heads[1], dqkv_heads[2] = attend_backward(split_heads(dy, NH), q, k, v, a)
     dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(N, T, 3 * NH * hs), c_qkv)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
+
+
+class CrossAttentionCache(NamedTuple):
+    q_lin: LinearCache  # input x (N, T, D) and W_q
+    kv_lin: LinearCache  # input ctx (N, S, D) and W_kv
+    q: Array  # (N, NH, T, hs)
+    k: Array  # (N, NH, S, hs)
+    v: Array  # (N, NH, S, hs)
+    a: Array  # (N, NH, T, S)
+    proj: LinearCache
+
+
+def cross_attention_forward(x, ctx, w_q, b_q, w_kv, b_kv, w_proj, b_proj, num_heads):
+    """Multi-head cross-attention: the T tokens of x query the S tokens of ctx. x (N, T, D), ctx (N, S, D) -> (N, T, D).
+
+    q = x W_q^T + b_q;   [k | v] = ctx W_kv^T + b_kv;   out = proj(attend(q, k, v))   (heads as in self-attention)
+    """
+    N, S, D = ctx.shape
+    q, c_q = linear_forward(x, w_q, b_q)  # (N, T, D)
+    kv, c_kv = linear_forward(ctx, w_kv, b_kv)  # (N, S, 2D)
+    kv = kv.reshape(N, S, 2, num_heads, D // num_heads).transpose(2, 0, 3, 1, 4)  # (2, N, NH, S, hs)
+    q, k, v = split_heads(q, num_heads), kv[0], kv[1]
+    y, a = attend_forward(q, k, v)
+    out, c_proj = linear_forward(merge_heads(y), w_proj, b_proj)
+    return out, CrossAttentionCache(c_q, c_kv, q, k, v, a, c_proj)
+
+
+def cross_attention_backward(dout, cache):
+    """Returns dx, dctx, dW_q, db_q, dW_kv, db_kv, dW_proj, db_proj."""
+    N, NH, S, hs = cache.k.shape
+    dy, dw_proj, db_proj = linear_backward(dout, cache.proj)
+    dq, dk, dv = attend_backward(split_heads(dy, NH), cache.q, cache.k, cache.v, cache.a)
+    dx, dw_q, db_q = linear_backward(merge_heads(dq), cache.q_lin)
+    dkv = get_xp(dout).stack([dk, dv]).transpose(1, 3, 0, 2, 4).reshape(N, S, 2 * NH * hs)  # [k | v] layout
+    dctx, dw_kv, db_kv = linear_backward(dkv, cache.kv_lin)
+    return dx, dctx, dw_q, db_q, dw_kv, db_kv, dw_proj, db_proj
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend import get_backend, get_xp, to_backend, to_device
 from .layers import (
-    attention_backward, attention_forward, embedding_backward, embedding_forward, gated_residual_backward,
+    attention_backward, attention_forward, cross_attention_backward, cross_attention_forward, embedding_backward, embedding_forward, gated_residual_backward,
     gated_residual_forward, get_2d_sincos_pos_embed, layernorm_backward, layernorm_forward, linear_backward,
     linear_forward, mlp_backward, mlp_forward, modulate_backward, modulate_forward, patch_embed_backward,
     patch_embed_forward, silu_backward, silu_forward, timestep_embedding, unpatchify, unpatchify_backward,
@@ -61,12 +61,32 @@ def get_config(variant) -> DiTConfig:
     return VARIANTS[name]
 
 
+# The paper's four ways of feeding the timestep and class to the blocks (Section 3.2, Table 4, Figure 5):
+#   adaln-zero       shift, scale and a residual gate per branch regressed from c = t + y; the regression and the
+#                    final linear start at zero, so every block starts as the identity (DiT; the default)
+#   adaln            shift and scale regressed from c, no gates, the regression initialised like any linear
+#   cross-attention  a cross-attention layer after self-attention, attending to the 2 tokens [t, y]; no adaLN
+#   in-context       t and y appended to the sequence as 2 extra tokens, dropped after the last block; no adaLN
+# The blocks without adaLN use LayerNorm without affine parameters (like DiT's), and their final layer is
+# LayerNorm + Linear (the paper: "adaptive if using adaLN").
+BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attention", "in-context")
+ADA_CHUNKS = {"adaln-zero": 6, "adaln": 4}  # outputs of a block's adaLN regression, in units of D
+
+
+def check_block(block):
+    if block not in BLOCK_TYPES:
+        raise ValueError(f"unknown block type {block!r}; choose one of: {', '.join(BLOCK_TYPES)}")
+    return block
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameter shapes, counts and FLOPs: all derived from the config without allocating anything
 # ----------------------------------------------------------------------------------------------
 def param_shapes(cfg: DiTConfig, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-                 class_dropout_prob=0.1):
-    """name -> shape for every parameter, in the official state_dict order."""
+                 class_dropout_prob=0.1, block="adaln-zero"):
+    """name -> shape for every parameter, in the official state_dict order (other block types: the same names
+    for what they share, cross_attn.{q,kv,proj} for the cross-attention layer)."""
+    check_block(block)
     D, p, C = cfg.hidden_size, cfg.patch_size, in_channels
     T = (input_size // p) ** 2
     out_c = 2 * C if learn_sigma else C
@@ -89,124 +109,184 @@ def param_shapes(cfg: DiTConfig, input_size=32, in_channels=4, num_classes=1000,
             b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
             b + "mlp.fc1.weight": (hidden, D), b + "mlp.fc1.bias": (hidden,),
             b + "mlp.fc2.weight": (D, hidden), b + "mlp.fc2.bias": (D,),
-            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
         })
+        if block == "cross-attention":
+            shapes.update({b + "cross_attn.q.weight": (D, D), b + "cross_attn.q.bias": (D,),
+                           b + "cross_attn.kv.weight": (2 * D, D), b + "cross_attn.kv.bias": (2 * D,),
+                           b + "cross_attn.proj.weight": (D, D), b + "cross_attn.proj.bias": (D,)})
+        if block in ADA_CHUNKS:
+            k = ADA_CHUNKS[block]
+            shapes.update({b + "adaLN_modulation.1.weight": (k * D, D), b + "adaLN_modulation.1.bias": (k * D,)})
     shapes.update({
         "final_layer.linear.weight": (p * p * out_c, D),
         "final_layer.linear.bias": (p * p * out_c,),
-        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": (2 * D,),
     })
+    if block in ADA_CHUNKS:
+        shapes.update({"final_layer.adaLN_modulation.1.weight": (2 * D, D),
+                       "final_layer.adaLN_modulation.1.bias": (2 * D,)})
     return shapes
 
 
 FROZEN = ("pos_embed",)  # a frozen Parameter in the official model: in the state_dict, never trained
 
 
-def forward_macs(cfg: DiTConfig, input_size=32, in_channels=4, learn_sigma=True):
+def forward_macs(cfg: DiTConfig, input_size=32, in_channels=4, learn_sigma=True, block="adaln-zero"):
     """Multiply-accumulates of one forward pass per image: the paper's "Gflops" column x 1e9.
 
-    Counts matmuls only (patch conv, linears, the two attention matmuls), as the paper does;
+    Counts matmuls only (patch conv, linears, the attention matmuls), as the paper does;
     LayerNorm, softmax, activations and the label lookup are not counted.
     """
+    check_block(block)
     D, p, C = cfg.hidden_size, cfg.patch_size, in_channels
     T = (input_size // p) ** 2
     out_c = 2 * C if learn_sigma else C
     hidden = int(D * cfg.mlp_ratio)
     patch = T * C * p * p * D
     t_mlp = FREQ_DIM * D + D * D
-    block = (T * D * 3 * D          # qkv
-             + 2 * T * T * D        # q k^T and a v, over all heads
-             + T * D * D            # proj
-             + 2 * T * D * hidden   # fc1, fc2
-             + D * 6 * D)           # adaLN modulation
-    final = D * 2 * D + T * D * p * p * out_c
-    return patch + t_mlp + cfg.depth * block + final
+    L = T + 2 if block == "in-context" else T  # tokens inside the blocks
+    per_block = (L * D * 3 * D       # qkv
+                 + 2 * L * L * D     # q k^T and a v, over all heads
+                 + L * D * D         # proj
+                 + 2 * L * D * hidden)  # fc1, fc2
+    if block in ADA_CHUNKS:
+        per_block += D * ADA_CHUNKS[block] * D  # the adaLN regression, once per image
+    if block == "cross-attention":  # q and proj per token, k v of the 2 condition tokens, T x 2 attention
+        per_block += 2 * T * D * D + 2 * D * 2 * D + 2 * T * 2 * D
+    final = T * D * p * p * out_c + (D * 2 * D if block in ADA_CHUNKS else 0)
+    return patch + t_mlp + cfg.depth * per_block + final
 
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------
 class BlockCache(NamedTuple):
-    ada: Any  # LinearCache of adaLN_modulation.1 (input: silu(c))
+    block: str  # the block type
+    ada: Any  # LinearCache of adaLN_modulation.1 (input: silu(c)); None without adaLN
     ln1: Any
-    mod1: Any
+    mod1: Any  # None without adaLN
     attn: Any
-    gate1: Any
+    gate1: Any  # None unless adaln-zero
+    lnx: Any  # cross-attention's LayerNorm and layer; None for the other types
+    cross: Any
     ln2: Any
     mod2: Any
     mlp: Any
     gate2: Any
 
 
-def block_forward(x, c_act, P, prefix, num_heads):
-    """adaLN-Zero DiT block. x (N, T, D); c_act = silu(c) (N, D); P the params; prefix 'blocks.i.'.
+def residual_forward(x, gate, h):
+    """x + gate * h (adaLN-Zero), or x + h when gate is None."""
+    return gated_residual_forward(x, gate, h) if gate is not None else (x + h, None)
 
-        shift1, scale1, gate1, shift2, scale2, gate2 = Linear(silu(c))     (this chunk order)
-        x = x + gate1 * attn(modulate(LN(x), shift1, scale1))
-        x = x + gate2 * mlp(modulate(LN(x), shift2, scale2))
+
+def residual_backward(dout, cache):
+    """Returns dx, dgate (None without a gate), dh."""
+    return gated_residual_backward(dout, cache) if cache is not None else (dout, None, dout)
+
+
+def block_forward(x, cond, P, prefix, num_heads, block="adaln-zero"):
+    """One DiT block. x (N, T, D); P the params; prefix 'blocks.i.'; cond depends on the block type:
+    silu(c) (N, D) for adaln-zero and adaln, the condition tokens [t, y] (N, 2, D) for cross-attention, None for
+    in-context (whose condition tokens are part of x).
+
+    adaln-zero:  shift1, scale1, gate1, shift2, scale2, gate2 = Linear(silu(c))     (this chunk order)
+                 x = x + gate1 * attn(modulate(LN(x), shift1, scale1))
+                 x = x + gate2 * mlp(modulate(LN(x), shift2, scale2))
+    adaln:       shift1, scale1, shift2, scale2 = Linear(silu(c));  the same without the gates
+    cross-attention:  x = x + attn(LN(x));  x = x + cross_attn(LN(x), [t, y]);  x = x + mlp(LN(x))
+    in-context:       x = x + attn(LN(x));  x = x + mlp(LN(x))
     """
-    ada, c_ada = linear_forward(c_act, P[prefix + "adaLN_modulation.1.weight"], P[prefix + "adaLN_modulation.1.bias"])
-    shift1, scale1, gate1, shift2, scale2, gate2 = (ada[:, i * x.shape[2]:(i + 1) * x.shape[2]] for i in range(6))
+    D = x.shape[2]
+    c_ada = c_mod1 = c_mod2 = c_lnx = c_cross = None
+    gate1 = gate2 = None
+    if block in ADA_CHUNKS:
+        ada, c_ada = linear_forward(cond, P[prefix + "adaLN_modulation.1.weight"], P[prefix + "adaLN_modulation.1.bias"])
+        chunks = [ada[:, i * D:(i + 1) * D] for i in range(ADA_CHUNKS[block])]
+        if block == "adaln-zero":
+            shift1, scale1, gate1, shift2, scale2, gate2 = chunks
+        else:
+            shift1, scale1, shift2, scale2 = chunks
     h, c_ln1 = layernorm_forward(x)
-    h, c_mod1 = modulate_forward(h, shift1, scale1)
+    if c_ada is not None:
+        h, c_mod1 = modulate_forward(h, shift1, scale1)
     h, c_attn = attention_forward(h, P[prefix + "attn.qkv.weight"], P[prefix + "attn.qkv.bias"],
                                   P[prefix + "attn.proj.weight"], P[prefix + "attn.proj.bias"], num_heads)
-    x, c_g1 = gated_residual_forward(x, gate1, h)
+    x, c_g1 = residual_forward(x, gate1, h)
+    if block == "cross-attention":
+        h, c_lnx = layernorm_forward(x)
+        h, c_cross = cross_attention_forward(h, cond, *(P[prefix + "cross_attn." + n] for n in (
+            "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias")), num_heads)
+        x = x + h
     h, c_ln2 = layernorm_forward(x)
-    h, c_mod2 = modulate_forward(h, shift2, scale2)
+    if c_ada is not None:
+        h, c_mod2 = modulate_forward(h, shift2, scale2)
     h, c_mlp = mlp_forward(h, P[prefix + "mlp.fc1.weight"], P[prefix + "mlp.fc1.bias"],
                            P[prefix + "mlp.fc2.weight"], P[prefix + "mlp.fc2.bias"])
-    x, c_g2 = gated_residual_forward(x, gate2, h)
-    return x, BlockCache(c_ada, c_ln1, c_mod1, c_attn, c_g1, c_ln2, c_mod2, c_mlp, c_g2)
+    x, c_g2 = residual_forward(x, gate2, h)
+    return x, BlockCache(block, c_ada, c_ln1, c_mod1, c_attn, c_g1, c_lnx, c_cross, c_ln2, c_mod2, c_mlp, c_g2)
 
 
 def block_backward(dout, cache, prefix, grads):
-    """Backward of block_forward: writes the block's parameter gradients into `grads`; returns dx, dc_act."""
+    """Backward of block_forward: writes the block's parameter gradients into `grads`; returns dx, dcond
+    (the gradient of the cond argument: dsilu(c) (N, D), d[t, y] (N, 2, D), or None for in-context)."""
     xp = get_xp(dout)
-    dx, dgate2, dh = gated_residual_backward(dout, cache.gate2)
+    dx, dgate2, dh = residual_backward(dout, cache.gate2)
     dh, grads[prefix + "mlp.fc1.weight"], grads[prefix + "mlp.fc1.bias"], \
         grads[prefix + "mlp.fc2.weight"], grads[prefix + "mlp.fc2.bias"] = mlp_backward(dh, cache.mlp)
-    dh, dshift2, dscale2 = modulate_backward(dh, cache.mod2)
+    if cache.mod2 is not None:
+        dh, dshift2, dscale2 = modulate_backward(dh, cache.mod2)
     dx = dx + layernorm_backward(dh, cache.ln2)  # the residual path plus the branch
-    dx, dgate1, dh = gated_residual_backward(dx, cache.gate1)
+    dcond = None
+    if cache.cross is not None:
+        dh, dcond, *dparams = cross_attention_backward(dx, cache.cross)
+        for n, g in zip(("q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"), dparams):
+            grads[prefix + "cross_attn." + n] = g
+        dx = dx + layernorm_backward(dh, cache.lnx)
+    dx, dgate1, dh = residual_backward(dx, cache.gate1)
     dh, grads[prefix + "attn.qkv.weight"], grads[prefix + "attn.qkv.bias"], \
         grads[prefix + "attn.proj.weight"], grads[prefix + "attn.proj.bias"] = attention_backward(dh, cache.attn)
-    dh, dshift1, dscale1 = modulate_backward(dh, cache.mod1)
+    if cache.mod1 is not None:
+        dh, dshift1, dscale1 = modulate_backward(dh, cache.mod1)
     dx = dx + layernorm_backward(dh, cache.ln1)
-    dada = xp.concatenate([dshift1, dscale1, dgate1, dshift2, dscale2, dgate2], axis=1)  # (N, 6D)
-    dc_act, grads[prefix + "adaLN_modulation.1.weight"], grads[prefix + "adaLN_modulation.1.bias"] = \
-        linear_backward(dada, cache.ada)
-    return dx, dc_act
+    if cache.ada is not None:
+        chunks = ([dshift1, dscale1, dgate1, dshift2, dscale2, dgate2] if cache.block == "adaln-zero"
+                  else [dshift1, dscale1, dshift2, dscale2])
+        dcond, grads[prefix + "adaLN_modulation.1.weight"], grads[prefix + "adaLN_modulation.1.bias"] = \
+            linear_backward(xp.concatenate(chunks, axis=1), cache.ada)  # (N, 6D) or (N, 4D) -> (N, D)
+    return dx, dcond
 
 
 class FinalCache(NamedTuple):
-    ada: Any
+    ada: Any  # None without adaLN
     ln: Any
     mod: Any
     lin: Any
 
 
 def final_layer_forward(x, c_act, P):
-    """shift, scale = Linear(silu(c)) (shift first; no gate); out = Linear(modulate(LN(x), shift, scale))."""
-    ada, c_ada = linear_forward(c_act, P["final_layer.adaLN_modulation.1.weight"],
-                                P["final_layer.adaLN_modulation.1.bias"])
-    D = x.shape[2]
-    shift, scale = ada[:, :D], ada[:, D:]
+    """shift, scale = Linear(silu(c)) (shift first; no gate); out = Linear(modulate(LN(x), shift, scale)).
+    c_act None (the blocks without adaLN): out = Linear(LN(x))."""
+    c_ada = c_mod = None
     h, c_ln = layernorm_forward(x)
-    h, c_mod = modulate_forward(h, shift, scale)
+    if c_act is not None:
+        ada, c_ada = linear_forward(c_act, P["final_layer.adaLN_modulation.1.weight"],
+                                    P["final_layer.adaLN_modulation.1.bias"])
+        D = x.shape[2]
+        h, c_mod = modulate_forward(h, ada[:, :D], ada[:, D:])
     out, c_lin = linear_forward(h, P["final_layer.linear.weight"], P["final_layer.linear.bias"])  # (N, T, p*p*C_out)
     return out, FinalCache(c_ada, c_ln, c_mod, c_lin)
 
 
 def final_layer_backward(dout, cache, grads):
+    """Returns dx and dc_act (None without adaLN)."""
     xp = get_xp(dout)
     dh, grads["final_layer.linear.weight"], grads["final_layer.linear.bias"] = linear_backward(dout, cache.lin)
-    dh, dshift, dscale = modulate_backward(dh, cache.mod)
-    dx = layernorm_backward(dh, cache.ln)
-    dc_act, grads["final_layer.adaLN_modulation.1.weight"], grads["final_layer.adaLN_modulation.1.bias"] = \
-        linear_backward(xp.concatenate([dshift, dscale], axis=1), cache.ada)
-    return dx, dc_act
+    dc_act = None
+    if cache.ada is not None:
+        dh, dshift, dscale = modulate_backward(dh, cache.mod)
+        dc_act, grads["final_layer.adaLN_modulation.1.weight"], grads["final_layer.adaLN_modulation.1.bias"] = \
+            linear_backward(xp.concatenate([dshift, dscale], axis=1), cache.ada)
+    return layernorm_backward(dh, cache.ln), dc_act
 
 
 class DiTCache(NamedTuple):
@@ -232,8 +312,9 @@ class DiT:
     """
 
     def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy"):
+                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy", block="adaln-zero"):
         self.variant = variant if isinstance(variant, DiTConfig) else str(variant)
+        self.block = check_block(block)
         self.config = cfg = get_config(variant)
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"hidden size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
@@ -257,17 +338,20 @@ class DiT:
     # -- parameters ------------------------------------------------------------------------------
     def param_shapes(self):
         return param_shapes(self.config, self.input_size, self.in_channels, self.num_classes, self.learn_sigma,
-                            self.class_dropout_prob)
+                            self.class_dropout_prob, self.block)
 
     def init_params(self, seed):
         """The official initialize_weights(), on the host in numpy:
         xavier-uniform for every Linear (and the patch conv viewed as (D, C*p*p)), zero biases;
         N(0, 0.02) for the label table and the timestep MLP; fixed sin-cos pos_embed;
-        zeros for every adaLN modulation and for the final linear, so the output is exactly 0."""
+        zeros for every adaLN modulation and for the final linear, so the output is exactly 0.
+        Other block types: the "adaln" blocks' modulation is initialised like any Linear (only the final layer's is
+        zero), and the cross-attention linears are xavier-uniform too."""
         rng = np.random.default_rng(seed)
         params = {}
         for name, shape in self.param_shapes().items():
-            if name.endswith(".bias") or "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+            zero_ada = "adaLN_modulation" in name and (self.block == "adaln-zero" or name.startswith("final_layer"))
+            if name.endswith(".bias") or zero_ada or name.startswith("final_layer.linear"):
                 w = np.zeros(shape)
             elif name == "pos_embed":
                 w = get_2d_sincos_pos_embed(shape[2], int(math.isqrt(shape[1])))[None]
@@ -296,7 +380,7 @@ class DiT:
 
     def gmacs(self):
         """Forward multiply-accumulates per image, in billions (the paper's "Gflops")."""
-        return forward_macs(self.config, self.input_size, self.in_channels, self.learn_sigma) / 1e9
+        return forward_macs(self.config, self.input_size, self.in_channels, self.learn_sigma, self.block) / 1e9
 
     def state_dict(self):
         """name -> array (the model's own arrays, not copies), official names and shapes."""
@@ -312,7 +396,8 @@ class DiT:
                      for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
         if missing or unexpected or misshaped:
             lines = [f"state dict does not match DiT {self.variant} (input_size={self.input_size}, "
-                     f"in_channels={self.in_channels}, num_classes={self.num_classes}, learn_sigma={self.learn_sigma}):"]
+                     f"in_channels={self.in_channels}, num_classes={self.num_classes}, learn_sigma={self.learn_sigma}, "
+                     f"block={self.block}):"]
             if missing:
                 lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
             if unexpected:
@@ -377,12 +462,21 @@ class DiT:
         temb, c_tsilu = silu_forward(temb)
         temb, c_t2 = linear_forward(temb, P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
         yemb, c_y = embedding_forward(y, P["y_embedder.embedding_table.weight"])
-        # Every adaLN_modulation is Sequential(SiLU, Linear) applied to c: the SiLU is computed once here.
-        c_act, c_csilu = silu_forward(temb + yemb)  # (N, D)
+        c_act = c_csilu = cond = None
+        if self.block in ADA_CHUNKS:
+            # Every adaLN_modulation is Sequential(SiLU, Linear) applied to c = t + y: the SiLU is computed once here.
+            c_act, c_csilu = silu_forward(temb + yemb)  # (N, D)
+            cond = c_act
+        elif self.block == "cross-attention":
+            cond = xp.stack([temb, yemb], axis=1)  # (N, 2, D): the tokens every block attends to
+        else:  # in-context: [t, y, patches...] (N, 2 + T, D)
+            h = xp.concatenate([temb[:, None], yemb[:, None], h], axis=1)
         block_caches = []
         for i in range(self.depth):
-            h, bc = block_forward(h, c_act, P, f"blocks.{i}.", self.num_heads)
+            h, bc = block_forward(h, cond, P, f"blocks.{i}.", self.num_heads, self.block)
             block_caches.append(bc)
+        if self.block == "in-context":
+            h = h[:, 2:]  # the condition tokens are dropped before decoding
         h, c_final = final_layer_forward(h, c_act, P)
         out = unpatchify(h, self.patch_size, self.out_channels)
         return out, DiTCache(c_patch, c_t1, c_tsilu, c_t2, c_y, c_csilu, block_caches, c_final)
@@ -390,15 +484,24 @@ class DiT:
     def backward(self, dout, cache, return_dx=False):
         """dout (N, C_out, H, W) -> grads: name -> gradient for every trainable parameter
         (and the input gradient dx too, as (grads, dx), when return_dx=True)."""
+        xp = get_xp(dout)
         grads = {}
         dh = unpatchify_backward(dout, self.patch_size)
-        dh, dc_act = final_layer_backward(dh, cache.final, grads)
+        dh, dcond = final_layer_backward(dh, cache.final, grads)  # dcond: d silu(c) from the final layer, or None
+        if self.block == "in-context":  # the dropped condition tokens get no gradient from the final layer
+            dh = xp.concatenate([xp.zeros_like(dh[:, :2]), dh], axis=1)
         for i in reversed(range(self.depth)):
-            dh, dc_i = block_backward(dh, cache.blocks[i], f"blocks.{i}.", grads)
-            dc_act += dc_i  # c feeds every block: its gradients add up
-        dc = silu_backward(dc_act, cache.c_silu)  # c = temb + yemb, so both receive dc
-        grads["y_embedder.embedding_table.weight"] = embedding_backward(dc, cache.y_emb)
-        dtemb, grads["t_embedder.mlp.2.weight"], grads["t_embedder.mlp.2.bias"] = linear_backward(dc, cache.t_fc2)
+            dh, dcond_i = block_backward(dh, cache.blocks[i], f"blocks.{i}.", grads)
+            # the condition feeds every block: its gradients add up
+            dcond = dcond_i if dcond is None else dcond + dcond_i
+        if self.block in ADA_CHUNKS:
+            dyemb = dtemb = silu_backward(dcond, cache.c_silu)  # c = temb + yemb, so both receive dc
+        elif self.block == "cross-attention":
+            dtemb, dyemb = dcond[:, 0], dcond[:, 1]
+        else:
+            dtemb, dyemb, dh = dh[:, 0], dh[:, 1], dh[:, 2:]
+        grads["y_embedder.embedding_table.weight"] = embedding_backward(dyemb, cache.y_emb)
+        dtemb, grads["t_embedder.mlp.2.weight"], grads["t_embedder.mlp.2.bias"] = linear_backward(dtemb, cache.t_fc2)
         dtemb = silu_backward(dtemb, cache.t_silu)
         _, grads["t_embedder.mlp.0.weight"], grads["t_embedder.mlp.0.bias"] = linear_backward(dtemb, cache.t_fc1)
         dx, grads["x_embedder.proj.weight"], grads["x_embedder.proj.bias"] = patch_embed_backward(dh, cache.patch)

@@ -30,7 +30,7 @@ from .checkpoint import (CKPT_NAME, add_prefix, checkpoint_file, load_checkpoint
                          split_state)
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
-from .model import DiT, get_config
+from .model import BLOCK_TYPES, DiT, get_config
 from .optim import EMA, AdamW
 from .sample import generate
 
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (paper: 0.9999)")
     ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="use decay min(ema_decay, (1+n)/(10+n)) at update n, so a short run's EMA is usable")
+    ap.add_argument("--block", choices=BLOCK_TYPES, default="adaln-zero",
+                    help="how t and the class reach the blocks: the paper's four designs (Table 4)")
     ap.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for guidance")
     ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                     help="learn the variance (output 2C channels, loss MSE + VLB)")
@@ -93,7 +95,8 @@ class Run:
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
         self.model = DiT(args.variant, input_size=self.data.image_size, in_channels=self.data.channels,
                          num_classes=self.data.num_classes, learn_sigma=args.learn_sigma,
-                         class_dropout_prob=args.class_dropout_prob, seed=args.seed, backend=args.backend)
+                         class_dropout_prob=args.class_dropout_prob, seed=args.seed, backend=args.backend,
+                         block=args.block)
         self.diffusion = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 3e-4 if str(args.variant).startswith("mini/") else 1e-4
@@ -132,7 +135,7 @@ class Run:
                 "model": {"variant": str(self.model.variant), "input_size": self.model.input_size,
                           "in_channels": self.model.in_channels, "num_classes": self.model.num_classes,
                           "learn_sigma": self.model.learn_sigma,
-                          "class_dropout_prob": self.model.class_dropout_prob},
+                          "class_dropout_prob": self.model.class_dropout_prob, "block": self.model.block},
                 "class_names": self.data.class_names, "opt": opt_scalars, "ema": ema_scalars,
                 "rng": "stateless: step k draws from default_rng([seed, k, ...]); seed is in args"}
         save_checkpoint(path, arrays, meta)
@@ -153,6 +156,7 @@ def resolve_resume(args, explicit):
     if meta.get("format") != "minidit-train-1":
         raise ValueError(f"{path} is not a training checkpoint of minidit.train; it cannot be resumed")
     saved = dict(meta["args"])
+    saved.setdefault("block", "adaln-zero")  # written before --block existed
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "

@@ -95,6 +95,20 @@ def test_sample_cli(tmp_path):
         sample_main(["--ckpt", str(tmp_path / "missing.npz"), "--out", grid])
 
 
+@pytest.mark.parametrize("block", ["in-context", "cross-attention"])
+def test_block_type_travels_through_training_checkpoint_and_sampling(tmp_path, block):
+    run = str(tmp_path / "c")
+    train_mod.main(FAST + ["--steps", "2", "--block", block, "--out", run])
+    _, meta = load_checkpoint(os.path.join(run, "checkpoint.npz"))
+    assert meta["model"]["block"] == meta["args"]["block"] == block
+    model = load_model(run)
+    assert model.block == block and any("cross_attn" in k for k in model.params) == (block == "cross-attention")
+    grid = str(tmp_path / "g.png")
+    sample_main(["--ckpt", run, "--class-labels", "1", "2", "--num-sampling-steps", "2", "--out", grid])
+    train_mod.main(["--resume", run, "--steps", "3"])  # resuming keeps the block type
+    assert load_model(run).block == block
+
+
 def test_unknown_variant_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown DiT variant 'Q/3'"):
         train_mod.main(["--variant", "Q/3", "--out", str(tmp_path)])

@@ -123,6 +123,33 @@ def test_attention_matches_definition(rng):
     np.testing.assert_allclose(out, np.concatenate(heads, -1) @ wp.T + bp, rtol=1e-10, atol=1e-10)
 
 
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), S=st.integers(1, 3), NH=st.integers(1, 3),
+       hs=st.integers(1, 3))
+def test_cross_attention(seed, N, T, S, NH, hs):
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    inputs = dict(x=randn(rng, N, T, D), ctx=randn(rng, N, S, D), w_q=randn(rng, D, D, scale=0.5), b_q=randn(rng, D),
+                  w_kv=randn(rng, 2 * D, D, scale=0.5), b_kv=randn(rng, 2 * D), w_proj=randn(rng, D, D),
+                  b_proj=randn(rng, D))
+    check((lambda **kw: L.cross_attention_forward(**kw, num_heads=NH), L.cross_attention_backward),
+          ["x", "ctx", "w_q", "b_q", "w_kv", "b_kv", "w_proj", "b_proj"], inputs, rng)
+
+
+def test_cross_attention_matches_definition(rng):
+    """Queries from x, [k | v] from ctx with contiguous heads; with ctx = x and W_kv = the k, v rows of a fused
+    W_qkv it is self-attention."""
+    N, T, NH, hs = 2, 5, 3, 4
+    D = NH * hs
+    x, wqkv, bqkv, wp, bp = randn(rng, N, T, D), randn(rng, 3 * D, D), randn(rng, 3 * D), randn(rng, D, D), randn(rng, D)
+    out, _ = L.cross_attention_forward(x, x, wqkv[:D], bqkv[:D], wqkv[D:], bqkv[D:], wp, bp, NH)
+    np.testing.assert_allclose(out, L.attention_forward(x, wqkv, bqkv, wp, bp, NH)[0], rtol=1e-10, atol=1e-10)
+    # a single context token: softmax over one key is 1, so every query gets proj(v)
+    ctx = randn(rng, N, 1, D)
+    out, _ = L.cross_attention_forward(x, ctx, wqkv[:D], bqkv[:D], wqkv[D:], bqkv[D:], wp, bp, NH)
+    v = ctx @ wqkv[2 * D:].T + bqkv[2 * D:]
+    np.testing.assert_allclose(out, np.broadcast_to(v @ wp.T + bp, out.shape), rtol=1e-10, atol=1e-10)
+
+
 @given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), D=st.integers(1, 4))
 def test_mlp(seed, N, T, D):
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from minidit import DiT, DiTConfig, VARIANTS, forward_macs, get_config, param_shapes
+from minidit.model import BLOCK_TYPES
 from minidit.gradcheck import numerical_grad, random_indices, rel_error
 
 # (total params, trainable, measured GMACs) at input 32, 4 channels, 1000 classes, learn_sigma: dit-facts.md section 2
@@ -31,6 +32,30 @@ def test_xl2_at_512():
     cfg = get_config("DiT-XL/2")
     assert sum(math.prod(s) for s in param_shapes(cfg, input_size=64).values()) == 676_014_368
     assert abs(forward_macs(cfg, input_size=64) / 1e9 - 524.538) < 1e-3
+
+
+# Paper Table 4, XL/2 at 256 px: (Gflops, params in millions) of each conditioning design
+TABLE4_XL2 = {"in-context": (119.37, 449), "cross-attention": (137.62, 598), "adaln": (118.56, 600),
+              "adaln-zero": (118.64, 675)}
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+def test_block_types_match_paper_table4(block):
+    """Each design's parameter count and Gflops against the paper's rows (which round to 0.01 G and 1 M):
+    adaLN drops the gates (6D -> 4D outputs), in-context drops every adaLN and adds 2 tokens, cross-attention drops
+    every adaLN and adds q, kv and proj per block (about +16% compute)."""
+    cfg = get_config("XL/2")
+    gflops, params_m = TABLE4_XL2[block]
+    n = sum(math.prod(s) for s in param_shapes(cfg, block=block).values())
+    assert abs(n / 1e6 - params_m) < 1.0, n
+    assert abs(forward_macs(cfg, block=block) / 1e9 - gflops) < 0.01 * gflops, forward_macs(cfg, block=block)
+    ratio = forward_macs(cfg, block=block) / forward_macs(cfg)
+    assert abs(ratio - gflops / TABLE4_XL2["adaln-zero"][0]) < 2e-3, ratio
+
+
+def test_unknown_block_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown block type 'adaLN'.*adaln-zero, adaln, cross-attention, in-context"):
+        DiT("S/2", block="adaLN")
 
 
 def test_s2_state_dict_names_shapes_and_zero_output():
@@ -72,9 +97,10 @@ def test_official_init_statistics():
 TINY = DiTConfig(depth=2, hidden_size=8, num_heads=2, patch_size=2)
 
 
-def tiny_model(learn_sigma=True, seed=0, scale=0.5):
+def tiny_model(learn_sigma=True, seed=0, scale=0.5, block="adaln-zero"):
     """A float64 DiT with every parameter random (not the init, where most gradients are exactly 0)."""
-    model = DiT(TINY, input_size=4, in_channels=2, num_classes=3, learn_sigma=learn_sigma, seed=seed, dtype=np.float64)
+    model = DiT(TINY, input_size=4, in_channels=2, num_classes=3, learn_sigma=learn_sigma, seed=seed, dtype=np.float64,
+                block=block)
     rng = np.random.default_rng(seed + 100)
     for k, v in model.params.items():
         if k != "pos_embed":
@@ -82,9 +108,10 @@ def tiny_model(learn_sigma=True, seed=0, scale=0.5):
     return model
 
 
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_full_model_backward_matches_finite_differences(learn_sigma):
-    model = tiny_model(learn_sigma)
+@pytest.mark.parametrize("learn_sigma, block", [(True, "adaln-zero"), (False, "adaln-zero"), (True, "adaln"),
+                                                (True, "cross-attention"), (True, "in-context")])
+def test_full_model_backward_matches_finite_differences(learn_sigma, block):
+    model = tiny_model(learn_sigma, block=block)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, 2, 4, 4))
     t = np.array([0, 17, 999])
