@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from . import layers as L
@@ -320,19 +321,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None):
 # Evaluation
 # ------------------------------------------------------------------------------------------------------------------
 def check_samples(images, labels):
-    """Raise ValueError (with what was expected) unless images are uint8 (N, 32, 32, C), C in (1, 3), N >= 1, and
-    labels are integers (N,) in 0..9."""
+    """Raise ValueError (with what was expected) unless images are uint8 (N, S, S, C), C in (1, 3), N >= 1, and
+    labels are integers (N,) in 0..9. Square images of another size S are resized to the classifier's 32 x 32
+    (bilinear), so that models trained on, say, 16 x 16 digits can be scored; the result says so."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be (N, H, W, C) with C = 1 or 3, got shape {images.shape}")
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 in 0..255, got {images.dtype} "
                          f"(convert float images in [-1, 1] with minidit.data.to_uint8_nhwc)")
-    if images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"the digits classifier needs {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
-                         f"{images.shape[1]}x{images.shape[2]}")
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"the digits classifier needs square images (it resizes them to {IMAGE_SIZE}x{IMAGE_SIZE}), "
+                         f"got {images.shape[1]}x{images.shape[2]}")
     if len(images) == 0:
         raise ValueError("no images to evaluate")
+    if images.shape[1] != IMAGE_SIZE:
+        images = np.stack([np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im)
+                                      .resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)).reshape(
+                                          IMAGE_SIZE, IMAGE_SIZE, -1) for im in images])
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers of shape ({len(images)},) to match the images, "
                          f"got {labels.dtype} {labels.shape}")

@@ -69,6 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: at the end only)")
+    ap.add_argument("--final-samples", action=argparse.BooleanOptionalAction, default=True,
+                    help="write the EMA sample grid samples.png at the end")
     ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the grids written while training")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grids written while training")
     ap.add_argument("--resume", default=None,
@@ -82,7 +84,7 @@ def parse_args(argv=None):
 
 # options that may change when a run is resumed; every other option is taken from the checkpoint
 RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
-                    "backend")
+                    "backend", "final_samples")
 
 
 class Run:
@@ -157,6 +159,7 @@ def resolve_resume(args, explicit):
         raise ValueError(f"{path} is not a training checkpoint of minidit.train; it cannot be resumed")
     saved = dict(meta["args"])
     saved.setdefault("block", "adaln-zero")  # written before --block existed
+    saved.setdefault("final_samples", True)
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -256,9 +259,10 @@ def train(args, explicit=frozenset()):
         log(f"interrupted at step {run.step}; checkpoint written to {ckpt_path}; continue with --resume {args.out}")
         return run
     log(f"done: {run.step} steps; checkpoint {ckpt_path}")
-    grid = os.path.join(args.out, "samples.png")
-    write_grid(run, grid, progress=True)
-    log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps): {grid}")
+    if args.final_samples:
+        grid = os.path.join(args.out, "samples.png")
+        write_grid(run, grid, progress=True)
+        log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps): {grid}")
     return run
 
 

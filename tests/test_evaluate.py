@@ -7,6 +7,7 @@ rendered into a temporary folder, so no test depends on (or writes) the reposito
 import warnings
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from minidit import evaluate as E
@@ -165,6 +166,14 @@ def test_real_digits_score_high(classifier, heldout, real):
     assert "| **all** | **300** |" in table and "Frechet distance" in table and "reference:" in table
 
 
+def test_smaller_square_images_are_resized_for_the_classifier(classifier, heldout, real):
+    """16 x 16 digits (the 32 x 32 ones shrunk) are scaled back up to 32 x 32 and still read as their class."""
+    images, labels = real
+    small = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BILINEAR)) for im in images])
+    r = E.evaluate(small, labels, classifier=classifier, heldout=heldout)
+    assert r["n"] == 300 and r["accuracy"] > 0.9, r["accuracy"]
+
+
 def test_noise_and_shuffled_labels_score_low(classifier, heldout, real):
     images, labels = real
     rng = np.random.default_rng(0)
@@ -232,7 +241,7 @@ def test_cli_prints_a_table(tmp_path, monkeypatch, capsys, classifier, heldout, 
 @pytest.mark.parametrize("arrays, message", [
     (dict(arr_0=np.zeros((2, 32, 32, 3), np.uint8)), "has no 'labels'"),
     (dict(images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, int)), "has no 'arr_0'"),
-    (dict(arr_0=np.zeros((2, 28, 28, 1), np.uint8), labels=np.zeros(2, int)), "needs 32x32 images, got 28x28"),
+    (dict(arr_0=np.zeros((2, 28, 30, 1), np.uint8), labels=np.zeros(2, int)), "needs square images.*got 28x30"),
     (dict(arr_0=np.zeros((2, 32, 32, 4), np.uint8), labels=np.zeros(2, int)), "C = 1 or 3"),
     (dict(arr_0=np.zeros((2, 32, 32, 3), np.float32), labels=np.zeros(2, int)), "must be uint8"),
     (dict(arr_0=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([3, 10])), r"lie in \[0, 9\].*\[10\]"),

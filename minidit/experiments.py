@@ -1,0 +1,187 @@
+"""The paper's design studies at small scale: `python -m minidit.experiments conditioning|scaling`.
+
+    conditioning   the four ways of feeding t and the class (--block), one model size (paper Table 4 / Figure 5)
+    scaling        several model sizes and patch sizes with adaLN-Zero (paper Figure 2 / Table 4)
+
+Every configuration trains on the same data with the same seed, batch, learning rate and number of steps (through
+minidit.train, so each run is an ordinary run directory that can be resumed or sampled), then draws
+--per-class guided samples of every class and scores them with minidit.evaluate (digit classifier accuracy and a
+Frechet distance on its features: a check that fits a laptop, not ImageNet FID). It writes, under --out:
+
+    <name>/            the run directory of each configuration
+    results.json       everything measured
+    results.md         the table
+    losses.png         training loss curves (needs matplotlib: pip install -e ".[notebooks]")
+
+An interrupted experiment continues where it stopped when run again: finished runs are kept, an interrupted run is
+resumed from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import train as train_mod
+from .checkpoint import load_checkpoint, load_model
+from .data import to_uint8_nhwc
+from .evaluate import evaluate
+from .model import BLOCK_TYPES
+from .sample import generate
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidit.experiments", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=["conditioning", "scaling"])
+    ap.add_argument("--backend", default="numpy", help="numpy, cupy or strict (default numpy)")
+    ap.add_argument("--blocks", nargs="+", default=list(BLOCK_TYPES), choices=BLOCK_TYPES,
+                    help="conditioning: the designs to compare (default: all four)")
+    ap.add_argument("--variant", default="mini/4", help="conditioning: the model (default mini/4)")
+    ap.add_argument("--variants", nargs="+", default=["mini/4", "mini/2", "S/4"],
+                    help="scaling: the models (default mini/4 mini/2 S/4)")
+    ap.add_argument("--image-size", type=int, default=32, help="default 32")
+    ap.add_argument("--channels", type=int, default=3, help="digit image channels (default 3)")
+    ap.add_argument("--steps", type=int, default=400, help="training steps of every configuration (default 400)")
+    ap.add_argument("--batch-size", type=int, default=32, help="default 32")
+    ap.add_argument("--lr", type=float, default=3e-4, help="default 3e-4")
+    ap.add_argument("--per-class", type=int, default=10, help="samples per class for the score (default 10)")
+    ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the scored samples (default 50)")
+    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the scored samples (default 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="default results/<experiment>")
+    args = ap.parse_args(argv)
+    args.out = args.out or os.path.join("results", args.experiment)
+    return args
+
+
+def configurations(args):
+    """name -> (variant, block)."""
+    if args.experiment == "conditioning":
+        return {block: (args.variant, block) for block in args.blocks}
+    return {variant.replace("/", "-"): (variant, "adaln-zero") for variant in args.variants}
+
+
+def train_config(args, run_dir, variant, block):
+    """Train (or finish training) one configuration; returns seconds spent training now."""
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        _, meta = load_checkpoint(ckpt)
+        if meta["step"] >= args.steps:
+            return 0.0
+        argv = ["--resume", run_dir, "--steps", str(args.steps)]
+    else:
+        argv = ["--backend", args.backend, "--variant", variant, "--block", block, "--data", "digits",
+                "--image-size", str(args.image_size), "--channels", str(args.channels),
+                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
+                "--seed", str(args.seed), "--out", run_dir, "--log-every", str(max(1, args.steps // 20)),
+                "--ckpt-every", str(max(1, args.steps // 4)), "--no-final-samples"]
+    start = time.perf_counter()
+    run = train_mod.train(*train_mod.parse_args(argv))
+    if run is None or run.step < args.steps:
+        sys.exit(f"experiment stopped: {run_dir} reached step {getattr(run, 'step', 0)} of {args.steps}; "
+                 "run the same command again to continue")
+    return time.perf_counter() - start
+
+
+def loss_curve(run_dir):
+    """(steps, mean loss of each log window) from the run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def score(args, run_dir):
+    """Guided samples of every class from the run's EMA weights, scored by minidit.evaluate."""
+    model = load_model(run_dir, backend=args.backend)
+    labels = np.repeat(np.arange(model.num_classes), args.per_class)
+    images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.sample_steps,
+                      seed=args.seed, clip_denoised=True, progress=True)
+    r = evaluate(to_uint8_nhwc(images), labels)
+    return model, r
+
+
+def write_table(args, results, path):
+    lines = [f"# {args.experiment}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+             f"digits {args.image_size}x{args.image_size}x{args.channels}, backend {args.backend}",
+             "",
+             f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps, "
+             "EMA weights), classified by minidit.evaluate's digit classifier. Final loss: mean of the last log window.",
+             "",
+             "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "
+             "Frechet distance | train s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['variant']} | {r['block']} | {r['params']:,} | {r['gmacs']:.4f} | "
+                     f"{r['final_loss']:.4f} | {r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | "
+                     f"{r['frechet_distance']:.1f} | {r['train_seconds']:.0f} |")
+    floor = next(iter(results.values()))["reference_frechet_distance"]
+    lines += ["", f"Frechet distance of as many real held-out digits (the floor): {floor:.1f}. "
+              "Chance accuracy is 0.100."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(args, results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install -e \".[notebooks]\"); the table is in "
+              f"{os.path.join(args.out, 'results.md')}")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        ax.plot(r["loss_steps"], r["loss_values"], label=f"{name} (acc {r['accuracy']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (mean per log window)")
+    ax.set_title(f"{args.experiment}: digits {args.image_size}px, batch {args.batch_size}, lr {args.lr}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    earlier = {}  # a finished run is not trained again: its training time comes from the last results.json
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            earlier = json.load(f)["results"]
+    results = {}
+    for name, (variant, block) in configurations(args).items():
+        run_dir = os.path.join(args.out, name)
+        print(f"== {args.experiment}: {name} ({variant}, {block}, {args.steps} steps)")
+        try:
+            seconds = train_config(args, run_dir, variant, block)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if seconds == 0.0 and name in earlier:
+            seconds = earlier[name]["train_seconds"]
+        model, r = score(args, run_dir)
+        steps, values = loss_curve(run_dir)
+        results[name] = dict(variant=variant, block=block, params=model.num_params(), gmacs=model.gmacs(),
+                             steps=args.steps, final_loss=values[-1], loss_steps=steps, loss_values=values,
+                             train_seconds=seconds, **{k: r[k] for k in (
+                                 "accuracy", "min_class_accuracy", "per_class_accuracy", "frechet_distance",
+                                 "reference_frechet_distance")})
+        with open(results_path, "w") as f:  # after every configuration: nothing measured is lost
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    write_table(args, results, os.path.join(args.out, "results.md"))
+    plotted = write_plot(args, results, os.path.join(args.out, "losses.png"))
+    print(open(os.path.join(args.out, "results.md")).read())
+    print(f"wrote {results_path}, results.md" + (", losses.png" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()
