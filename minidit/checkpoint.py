@@ -30,12 +30,8 @@ META_KEY = "__meta__"
 # keyword names of np.savez itself, which cannot be passed through **kwds
 _SAVEZ_RESERVED = ("file", "args", "allow_pickle")
 
-_CONVERT_HINT = (
-    "to convert a PyTorch checkpoint (an official DiT .pt, or a train.py checkpoint whose 'ema' entry is used), run:\n"
-    "  python -c \"import torch; from minidit.checkpoint import save_checkpoint; "
-    "sd = torch.load('IN.pt', map_location='cpu'); sd = sd.get('ema', sd); "
-    "save_checkpoint('OUT.npz', {'model.' + k: v.float().numpy() for k, v in sd.items()}, {'source': 'IN.pt'})\""
-)
+_CONVERT_HINT = ("to use a PyTorch checkpoint (an official DiT .pt, or one written by its train.py), convert it "
+                 "once: python -m minidit.convert IN.pt OUT.npz")
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,112 @@
+"""Official DiT checkpoints -> minidit's own safe format, once:
+
+    python -m minidit.convert DiT-XL-2-256x256.pt dit-xl2-256.npz
+    python -m minidit.sample --ckpt dit-xl2-256.npz --class-labels 207 360 387 974 --guide-channels 3 ...
+
+Reads what facebookresearch/DiT publishes and writes: a pretrained `DiT-XL-2-256x256.pt` / `-512x512.pt` (a plain
+state dict), or a checkpoint of its train.py (a dict with "model", "ema", "opt", "args": the "ema" weights are used,
+as its sample.py does). The .pt is opened with `torch.load(weights_only=True)`, which refuses to run code from the
+file (argparse.Namespace, for the "args" entry, is the one class allowed). This is the only place minidit uses
+PyTorch, and only here; converted files load without it.
+
+The model is read from the weights' shapes: depth, hidden size and patch size name the variant (the number of heads
+comes from it), the patch embedding gives the channels, pos_embed the input size, the label table the classes (one
+row is the null class of guidance) and the final layer whether sigma is learned.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from .checkpoint import add_prefix, save_checkpoint
+from .model import VARIANTS, get_config, param_shapes
+
+FORMAT = "minidit-converted-1"
+
+
+def read_torch_checkpoint(path):
+    """path to a .pt -> (name -> float32 numpy array, which entry was used: "ema", "model" or "state dict")."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError('converting a PyTorch checkpoint needs PyTorch: pip install -e ".[torch]" '
+                           "(the converted file then loads without it)") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint that can be read safely "
+                             f"(torch.load with weights_only=True failed: {e})") from None
+    used = "state dict"
+    if isinstance(obj, dict):
+        for key in ("ema", "model"):  # the official sample.py prefers "ema"
+            if isinstance(obj.get(key), dict):
+                obj, used = obj[key], key
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "detach") for v in obj.values()):
+        raise ValueError(f"{path!r} holds no DiT state dict (expected name -> tensor, or a dict with an 'ema' or "
+                         f"'model' entry)")
+    state = {k.removeprefix("module."): v.detach().float().numpy() for k, v in obj.items()}  # DDP's prefix
+    return state, used
+
+
+def infer_model(state):
+    """The DiT constructor arguments that match a state dict's names and shapes."""
+    need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"not a DiT state dict: missing {', '.join(missing)}")
+    D, C, p, _ = state["x_embedder.proj.weight"].shape
+    T = state["pos_embed"].shape[1]
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    names = [n for n, c in VARIANTS.items() if (c.depth, c.hidden_size, c.patch_size) == (depth, D, p)]
+    if not names:
+        raise ValueError(f"no DiT variant has depth {depth}, hidden size {D} and patch size {p}; known: "
+                         + ", ".join(f"{n} ({c.depth}, {c.hidden_size}, {c.patch_size})" for n, c in VARIANTS.items()))
+    out_c = state["final_layer.linear.weight"].shape[0] // (p * p)
+    return dict(variant=names[0], input_size=int(math.isqrt(T)) * p, in_channels=int(C),
+                num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,  # minus the null class
+                learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.1, block="adaln-zero")
+
+
+def convert(src, dst):
+    """Convert src (.pt) to dst (.npz); returns the model description written and the entry used. Every name and
+    shape is checked against the inferred DiT first, so a file that is not an official DiT fails here, not later."""
+    state, used = read_torch_checkpoint(src)
+    meta = infer_model(state)
+    expected = param_shapes(get_config(meta["variant"]), meta["input_size"], meta["in_channels"],
+                            meta["num_classes"], meta["learn_sigma"], meta["class_dropout_prob"], meta["block"])
+    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and
+                                                  tuple(state[k].shape) != tuple(expected[k])]
+    if wrong:
+        raise ValueError(f"{src!r} does not match DiT {meta['variant']} ({len(wrong)} names missing, unexpected or "
+                         f"mis-shaped: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''})")
+    save_checkpoint(dst, add_prefix(state, "ema.params."),
+                    {"format": FORMAT, "model": meta, "source": os.path.basename(src), "weights": used})
+    return meta, used
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidit.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint)")
+    ap.add_argument("dst", help="the minidit checkpoint (.npz) to write")
+    args = ap.parse_args(argv)
+    try:
+        meta, used = convert(args.src, args.dst)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.dst}: DiT {meta['variant']} at input {meta['input_size']}, {meta['in_channels']} channels, "
+          f"{meta['num_classes']} classes, learn_sigma={meta['learn_sigma']} (weights: {used}); sample it with "
+          f"python -m minidit.sample --ckpt {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Official DiT .pt checkpoints -> minidit: the pretrained layout and train.py's, read safely, same outputs."""
+import argparse
+
+import numpy as np
+import pytest
+
+from minidit.checkpoint import load_model
+from minidit.convert import infer_model
+from minidit.convert import main as convert_main
+from minidit.model import DiT, get_config, param_shapes
+
+
+def random_official_state(seed=0):
+    """A mini/4 (6 blocks, D 192, patch 4) at input 8, 4 channels, 10 classes, learned sigma, random weights."""
+    model = DiT("mini/4", input_size=8, in_channels=4, num_classes=10, seed=seed)
+    rng = np.random.default_rng(seed)
+    return {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) if k != "pos_embed" else v
+            for k, v in model.params.items()}
+
+
+def test_infer_model_reads_the_shapes():
+    meta = infer_model(random_official_state())
+    assert meta == dict(variant="mini/4", input_size=8, in_channels=4, num_classes=10, learn_sigma=True,
+                        class_dropout_prob=0.1, block="adaln-zero")
+    xl = {k: np.empty(s, np.float32) for k, s in param_shapes(get_config("XL/2"), input_size=64).items()}
+    assert infer_model(xl)["variant"] == "XL/2" and infer_model(xl)["input_size"] == 64  # DiT-XL-2-512x512.pt
+    with pytest.raises(ValueError, match="no DiT variant has depth 6, hidden size 192 and patch size 3"):
+        infer_model(dict(random_official_state(), **{"x_embedder.proj.weight": np.empty((192, 4, 3, 3))}))
+    with pytest.raises(ValueError, match="not a DiT state dict: missing pos_embed"):
+        infer_model({"weight": np.zeros(3)})
+
+
+torch = pytest.importorskip("torch")
+
+
+def test_convert_pretrained_and_train_py_checkpoints(tmp_path, capsys):
+    state = random_official_state()
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+    pretrained = tmp_path / "DiT-mini-4.pt"
+    torch.save(tensors, pretrained)
+    ema = {k: v + 1 for k, v in tensors.items()}  # train.py: 'ema' is what sample.py uses
+    trained = tmp_path / "0001000.pt"
+    torch.save({"model": tensors, "ema": ema, "opt": {"state": {}}, "args": argparse.Namespace(model="DiT-XL/2")},
+               trained)
+    x = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t, y = np.array([3, 900]), np.array([1, 10])
+    for src, want, entry in [(pretrained, state, "state dict"), (trained, {k: v + 1 for k, v in state.items()}, "ema")]:
+        dst = tmp_path / (src.stem + ".npz")
+        convert_main([str(src), str(dst)])
+        assert f"(weights: {entry})" in capsys.readouterr().out
+        model = load_model(str(dst))
+        for k, v in want.items():
+            np.testing.assert_array_equal(model.params[k], v, err_msg=k)
+        ref = DiT("mini/4", input_size=8, in_channels=4, num_classes=10)
+        ref.load_state_dict(want)
+        np.testing.assert_array_equal(model.forward(x, t, y)[0], ref.forward(x, t, y)[0])
+
+
+def test_convert_errors(tmp_path):
+    notdit = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, notdit)
+    with pytest.raises(SystemExit, match="not a DiT state dict"):
+        convert_main([str(notdit), str(tmp_path / "o.npz")])
+    state = random_official_state()
+    del state["blocks.2.mlp.fc1.bias"]
+    broken = tmp_path / "broken.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, broken)
+    with pytest.raises(SystemExit, match="does not match DiT mini/4.*blocks.2.mlp.fc1.bias"):
+        convert_main([str(broken), str(tmp_path / "o.npz")])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        convert_main([str(tmp_path / "missing.pt"), str(tmp_path / "o.npz")])
+    class Evil:  # pickled code is refused: weights_only
+        def __reduce__(self):
+            return (print, ("ran code",))
+    evil = tmp_path / "evil.pt"
+    torch.save({"ema": Evil()}, evil)
+    with pytest.raises(SystemExit, match="cannot be read safely|weights_only"):
+        convert_main([str(evil), str(tmp_path / "o.npz")])
