@@ -21,7 +21,6 @@ import os
 import re
 import sys
 
-
 from .checkpoint import add_prefix, save_checkpoint
 from .model import VARIANTS, get_config, param_shapes
 
