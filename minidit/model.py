@@ -438,8 +438,11 @@ class DiT:
             if t.min() < 0:
                 raise ValueError(f"timesteps must be >= 0, got {t.min()}")
 
-    def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None):
+    def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """x (N, C, H, W) float, t (N,) int timesteps, y (N,) int labels -> (out (N, C_out, H, W), cache).
+
+        cache=False (sampling): no activations are kept for a backward pass, so memory holds one block's worth at a
+        time instead of all of them; the returned cache is None.
 
         train=True applies label dropout (prob class_dropout_prob, labels replaced by the null class
         num_classes) with `rng` (a numpy Generator; the model's own if None); force_drop_ids (N,) of
@@ -474,11 +477,14 @@ class DiT:
         block_caches = []
         for i in range(self.depth):
             h, bc = block_forward(h, cond, P, f"blocks.{i}.", self.num_heads, self.block)
-            block_caches.append(bc)
+            if cache:
+                block_caches.append(bc)
         if self.block == "in-context":
             h = h[:, 2:]  # the condition tokens are dropped before decoding
         h, c_final = final_layer_forward(h, c_act, P)
         out = unpatchify(h, self.patch_size, self.out_channels)
+        if not cache:
+            return out, None
         return out, DiTCache(c_patch, c_t1, c_tsilu, c_t2, c_y, c_csilu, block_caches, c_final)
 
     def backward(self, dout, cache, return_dx=False):

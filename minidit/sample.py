@@ -36,7 +36,7 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     y = to_device(labels, xp)
 
     def forward(x, t, y):
-        return model.forward(x, t, y)[0]
+        return model.forward(x, t, y, cache=False)[0]
 
     if cfg_scale != 1.0:
         if model.class_dropout_prob <= 0:
@@ -55,6 +55,18 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     return to_numpy(x0).astype(np.float32)
+
+
+def decode_latents(latents, vae_path, backend="numpy", batch_size=8):
+    """Host latents (N, 4, h, w) (already scaled by 0.18215) -> host images (N, 3, 8h, 8w) through the VAE."""
+    from .vae import VAE  # only the latent pipeline needs it
+
+    vae = VAE.from_file(vae_path, backend=backend)
+    if latents.shape[1] != vae.latent_channels:
+        raise ValueError(f"the samples have {latents.shape[1]} channels but the VAE's latents have "
+                         f"{vae.latent_channels}: --vae is for models trained on VAE latents")
+    return np.concatenate([to_numpy(vae.decode(to_device(latents[i:i + batch_size], vae.xp)))
+                           for i in range(0, len(latents), batch_size)]).astype(np.float32)
 
 
 def main(argv=None):
@@ -83,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class)")
     ap.add_argument("--out", default="sample.png", help="PNG grid to write")
     ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C) and labels to this .npz")
+    ap.add_argument("--vae", default=None, help="decode the samples (latents) to pixels with this Stable Diffusion "
+                                                "VAE (its diffusers safetensors file), as the official sample.py")
     args = ap.parse_args(argv)
     try:
         model = load_model(args.ckpt, ema=not args.no_ema, backend=args.backend)
@@ -92,6 +106,8 @@ def main(argv=None):
         images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
                           sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels,
                           clip_denoised=args.clip_denoised)
+        if args.vae:
+            images = decode_latents(images, args.vae, backend=args.backend)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     nrow = args.nrow or (args.per_class if args.class_labels is None else min(len(labels), 8))

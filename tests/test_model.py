@@ -137,6 +137,15 @@ def test_full_model_backward_matches_finite_differences(learn_sigma, block):
     print(f"worst relative error over all parameters and x: {worst:.2e}")
 
 
+def test_forward_without_cache_gives_the_same_output():
+    model = tiny_model(block="adaln-zero")
+    x = np.random.default_rng(3).standard_normal((2, 2, 4, 4))
+    t, y = np.array([5, 600]), np.array([1, 3])
+    out, cache = model.forward(x, t, y, cache=False)
+    assert cache is None
+    np.testing.assert_array_equal(out, model.forward(x, t, y)[0])
+
+
 def test_two_forwards_then_backwards_are_independent():
     model = tiny_model()
     rng = np.random.default_rng(3)
