@@ -3,6 +3,7 @@
     python -m minidit.bench --preset small --compare-torch    # mini/4 on 32x32x3, batch 32, against PyTorch eager
     python -m minidit.bench --preset all                      # small, s4 (S/4, batch 16), s2 (S/2, batch 8)
     python -m minidit.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
+    python -m minidit.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
 
 Per configuration it prints
   * ms per training step, split into forward (q_sample + DiT forward), backward (loss, its gradient and the DiT
@@ -402,6 +403,47 @@ def report_memory(mini, tside, spec, args):
 
 
 # ----------------------------------------------------------------------------------------------
+# sampling memory: the official sampling setting (XL/2, 256 px, batch 8, guidance) and the VAE decode
+# ----------------------------------------------------------------------------------------------
+def bench_sampling(spec, args):
+    """Guided DDPM steps of `spec`'s model with random (non-zero) weights at its batch size (2x through the model),
+    then, with --vae-decode, the decode of the latents by a VAE of the Stable Diffusion shapes (random weights).
+    Prints seconds per step and the process's peak resident memory (ru_maxrss) after each phase."""
+    import resource
+
+    from .sample import generate
+    from .vae import VAE, random_weights
+
+    def peak_gib():  # ru_maxrss is in KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    t0 = time.perf_counter()
+    model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
+                num_classes=spec["num_classes"], backend=args.backend)
+    rng = np.random.default_rng(0)
+    for k, v in model.params.items():  # the zero-initialised ones too, so the output is not trivially 0
+        if not v.any():
+            v[...] = to_device(0.02 * rng.standard_normal(v.shape, dtype=np.float32), model.xp)
+    print(f"== sampling: DiT {spec['variant']} ({model.num_params() / 1e6:.0f}M parameters), input "
+          f"{spec['input_size']}x{spec['input_size']}x{spec['in_channels']}, batch {spec['batch_size']} with guidance "
+          f"(x2 through the model), backend {args.backend}, threads {args.threads}")
+    print(f"model built in {time.perf_counter() - t0:.0f} s; peak resident memory {peak_gib():.2f} GiB")
+    labels = rng.integers(0, spec["num_classes"], spec["batch_size"])
+    t0 = time.perf_counter()
+    z = generate(model, labels, cfg_scale=4.0, num_sampling_steps=args.sample_steps, progress=False)
+    per_step = (time.perf_counter() - t0) / args.sample_steps
+    print(f"{args.sample_steps} guided DDPM steps: {per_step:.1f} s per step (250 steps: about "
+          f"{250 * per_step / 60:.0f} min); peak resident memory {peak_gib():.2f} GiB")
+    if args.vae_decode:
+        del model
+        vae = VAE(random_weights(latent=spec["in_channels"]), backend=args.backend)
+        t0 = time.perf_counter()
+        images = vae.decode(to_device(z, vae.xp))
+        print(f"VAE decode of {len(z)} latents -> {tuple(images.shape[1:])}: {time.perf_counter() - t0:.0f} s; "
+              f"peak resident memory {peak_gib():.2f} GiB")
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
@@ -425,12 +467,19 @@ def parse_args(argv=None):
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument("--memory-child", choices=["minidit", "torch"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sampling", action="store_true",
+                    help="measure guided sampling instead of training: time per step and peak resident memory "
+                         "(e.g. --variant XL/2 --batch-size 8 --sampling --vae-decode: the official 256 px setting)")
+    ap.add_argument("--sample-steps", type=int, default=2, help="with --sampling: DDPM steps to run (>= 2)")
+    ap.add_argument("--vae-decode", action="store_true", help="with --sampling: also decode with an SD-shaped VAE")
     args = ap.parse_args(argv)
     for name in ("steps", "runs", "threads", "batch_size", "peak_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.sample_steps < 2:
+        ap.error("--sample-steps must be >= 2 (a respaced schedule keeps at least 2 steps)")
     return args
 
 
@@ -458,7 +507,10 @@ def main(argv=None):
         print(f"minidit.bench: backend {args.backend} unavailable: {e}")
         return 2
     for spec in specs_from_args(args):
-        bench_config(spec, args)
+        if args.sampling:
+            bench_sampling(spec, args)
+        else:
+            bench_config(spec, args)
     return 0
 
 

@@ -209,3 +209,54 @@ class VAE:
                 h = self.conv(h, f"decoder.up_blocks.{i}.upsamplers.0.conv")
         return self.conv(silu(self.norm(h, "decoder.conv_norm_out")), "decoder.conv_out")
 
+
+def random_weights(channels=(128, 256, 512, 512), layers=2, latent=4, seed=0):
+    """Random weights with diffusers' AutoencoderKL names and shapes: block_out_channels=channels,
+    layers_per_block=layers, latent_channels=latent (the defaults are the Stable Diffusion VAE's, 83.7 M numbers).
+    For tests and memory/speed measurements: no file to download."""
+    rng = np.random.default_rng(seed)
+    W = {}
+
+    def conv(name, o, i, k=3):
+        W[name + ".weight"] = rng.normal(0, 0.3 / np.sqrt(i * k * k), (o, i, k, k)).astype(np.float32)
+        W[name + ".bias"] = rng.normal(0, 0.05, o).astype(np.float32)
+
+    def norm(name, c):
+        W[name + ".weight"] = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
+        W[name + ".bias"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
+
+    def resnet(name, i, o):
+        norm(name + ".norm1", i), conv(name + ".conv1", o, i), norm(name + ".norm2", o), conv(name + ".conv2", o, o)
+        if i != o:
+            conv(name + ".conv_shortcut", o, i, 1)
+
+    def mid(side, c):
+        resnet(f"{side}.mid_block.resnets.0", c, c), resnet(f"{side}.mid_block.resnets.1", c, c)
+        norm(f"{side}.mid_block.attentions.0.group_norm", c)
+        for n in ("to_q", "to_k", "to_v", "to_out.0"):
+            W[f"{side}.mid_block.attentions.0.{n}.weight"] = rng.normal(0, 0.3 / np.sqrt(c), (c, c)).astype(np.float32)
+            W[f"{side}.mid_block.attentions.0.{n}.bias"] = rng.normal(0, 0.05, c).astype(np.float32)
+
+    conv("encoder.conv_in", channels[0], 3)
+    c = channels[0]
+    for i, o in enumerate(channels):
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", c if j == 0 else o, o)
+        c = o
+        if i < len(channels) - 1:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", o, o)
+    mid("encoder", c)
+    norm("encoder.conv_norm_out", c), conv("encoder.conv_out", 2 * latent, c)
+    conv("quant_conv", 2 * latent, 2 * latent, 1), conv("post_quant_conv", latent, latent, 1)
+    rev = channels[::-1]
+    conv("decoder.conv_in", rev[0], latent)
+    mid("decoder", rev[0])
+    c = rev[0]
+    for i, o in enumerate(rev):
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", c if j == 0 else o, o)
+        c = o
+        if i < len(rev) - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", o, o)
+    norm("decoder.conv_norm_out", c), conv("decoder.conv_out", 3, c)
+    return W

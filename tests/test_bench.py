@@ -46,3 +46,10 @@ def test_cupy_unavailable_is_one_clear_line(capsys):
     assert bench.main(TINY + ["--backend", "cupy"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "cupy" in out[0] and ".[cuda12]" in out[0]
+
+
+def test_sampling_mode_reports_time_and_memory(capsys):
+    assert bench.main(TINY + ["--sampling", "--vae-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "2 guided DDPM steps:" in out and "peak resident memory" in out
+    assert "VAE decode of 2 latents -> (3, 64, 64)" in out

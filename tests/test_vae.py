@@ -11,7 +11,7 @@ from PIL import Image
 from minidit import train as train_mod
 from minidit.encode import main as encode_main
 from minidit.sample import main as sample_main
-from minidit.vae import VAE, conv2d, group_norm, read_safetensors
+from minidit.vae import VAE, conv2d, group_norm, random_weights, read_safetensors
 
 GROUPS = 4
 
@@ -30,56 +30,6 @@ def write_safetensors(path, tensors, dtype="F32"):
     head = json.dumps(header).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def tiny_vae_weights(seed=0, channels=(8, 16), layers=1, latent=4):
-    """Random weights with diffusers' AutoencoderKL names and shapes (block_out_channels=channels)."""
-    rng = np.random.default_rng(seed)
-    W = {}
-
-    def conv(name, o, i, k=3):
-        W[name + ".weight"] = rng.normal(0, 0.3 / np.sqrt(i * k * k), (o, i, k, k)).astype(np.float32)
-        W[name + ".bias"] = rng.normal(0, 0.05, o).astype(np.float32)
-
-    def norm(name, c):
-        W[name + ".weight"] = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
-        W[name + ".bias"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
-
-    def resnet(name, i, o):
-        norm(name + ".norm1", i), conv(name + ".conv1", o, i), norm(name + ".norm2", o), conv(name + ".conv2", o, o)
-        if i != o:
-            conv(name + ".conv_shortcut", o, i, 1)
-
-    def mid(side, c):
-        resnet(f"{side}.mid_block.resnets.0", c, c), resnet(f"{side}.mid_block.resnets.1", c, c)
-        norm(f"{side}.mid_block.attentions.0.group_norm", c)
-        for n in ("to_q", "to_k", "to_v", "to_out.0"):
-            W[f"{side}.mid_block.attentions.0.{n}.weight"] = rng.normal(0, 0.3 / np.sqrt(c), (c, c)).astype(np.float32)
-            W[f"{side}.mid_block.attentions.0.{n}.bias"] = rng.normal(0, 0.05, c).astype(np.float32)
-
-    conv("encoder.conv_in", channels[0], 3)
-    c = channels[0]
-    for i, o in enumerate(channels):
-        for j in range(layers):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", c if j == 0 else o, o)
-        c = o
-        if i < len(channels) - 1:
-            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", o, o)
-    mid("encoder", c)
-    norm("encoder.conv_norm_out", c), conv("encoder.conv_out", 2 * latent, c)
-    conv("quant_conv", 2 * latent, 2 * latent, 1), conv("post_quant_conv", latent, latent, 1)
-    rev = channels[::-1]
-    conv("decoder.conv_in", rev[0], latent)
-    mid("decoder", rev[0])
-    c = rev[0]
-    for i, o in enumerate(rev):
-        for j in range(layers + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", c if j == 0 else o, o)
-        c = o
-        if i < len(rev) - 1:
-            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", o, o)
-    norm("decoder.conv_norm_out", c), conv("decoder.conv_out", 3, c)
-    return W
 
 
 # ---------------------------------------------------------------- layers against their definitions
@@ -136,14 +86,14 @@ def test_vae_file_errors(tmp_path):
     with pytest.raises(ValueError, match="CompVis/ldm names"):
         VAE({"encoder.down.0.block.0.norm1.weight": np.ones(4)})
     with pytest.raises(ValueError, match="GroupNorm with 32 groups does not divide"):
-        VAE(tiny_vae_weights(), norm_groups=32)
+        VAE(random_weights(channels=(8, 16)), norm_groups=32)
 
 
 # ---------------------------------------------------------------- the latent pipeline end to end
 def test_encode_train_sample_decode(tmp_path):
     """A folder of 16 px images -> latents (4 x 8 x 8 with this 2-level VAE) -> 2 DiT steps -> samples decoded."""
     vae_path = tmp_path / "vae.safetensors"
-    weights = tiny_vae_weights(channels=(32, 32))  # 32 channels: the SD VAE's 32 GroupNorm groups fit
+    weights = random_weights(channels=(32, 32))  # 32 channels: the SD VAE's 32 GroupNorm groups fit
     write_safetensors(vae_path, weights)
     rng = np.random.default_rng(3)
     for cls in ("cats", "dogs"):
@@ -169,7 +119,7 @@ def test_encode_train_sample_decode(tmp_path):
                  "--out", grid, "--npz", npz])
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)  # decoded pixels, 8 x 8 latents -> 16 x 16 here
     with pytest.raises(SystemExit, match="the samples have 4 channels but the VAE's latents have 8"):
-        write_safetensors(vae_path, tiny_vae_weights(channels=(32, 32), latent=8))
+        write_safetensors(vae_path, random_weights(channels=(32, 32), latent=8))
         sample_main(["--ckpt", run, "--class-labels", "0", "--num-sampling-steps", "2", "--vae", str(vae_path),
                      "--out", grid])
 
