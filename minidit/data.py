@@ -437,13 +437,16 @@ def to_uint8_nhwc(x):
     return np.clip(127.5 * x + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # truncates like .to(uint8)
 
 
-def save_grid(x, path, nrow=8, padding=2):
+def save_grid(x, path, nrow=8, padding=2, scale=None):
     """Write float images (N, C, H, W) in [-1, 1], C = 1 or 3, as one PNG grid: nrow tiles per row, `padding` black
-    pixels between and around tiles (the layout of torchvision's save_image). Written atomically."""
+    pixels between and around tiles (the layout of torchvision's save_image). Written atomically.
+    scale: each pixel becomes scale x scale pixels (nearest); default: enough to show small images at 32 px or more."""
     imgs = to_uint8_nhwc(x)  # (N, H, W, C)
+    if imgs.shape[-1] not in (1, 3):
+        raise ValueError(f"save_grid needs 1 or 3 channels, got {imgs.shape[-1]}")
+    scale = max(1, 32 // imgs.shape[1]) if scale is None else scale
+    imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = imgs.shape
-    if c not in (1, 3):
-        raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
     ncol = min(nrow, n)
     nrows = math.ceil(n / ncol)
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)

@@ -35,7 +35,6 @@ from .optim import EMA, AdamW
 from .sample import generate
 
 
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.train", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -46,15 +45,17 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="digits",
                     help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
-    ap.add_argument("--image-size", type=int, default=32, help="image side in pixels (ignored for latents)")
-    ap.add_argument("--channels", type=int, choices=(1, 3), default=3,
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="image side in pixels (default: 16 for the built-in digits, the CPU demo; 32 for a folder; "
+                         "latents keep their own)")
+    ap.add_argument("--channels", type=int, choices=(1, 3), default=1,
                     help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1500, help="training steps (ignored if --epochs is given)")
     ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
     ap.add_argument("--lr", type=float, default=None,
                     help="AdamW learning rate, constant (default: the paper's 1e-4 for the official variants, "
-                         "3e-4 for the mini variants, whose short CPU runs need it)")
+                         "1e-3 for the mini variants, whose short CPU runs need it)")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (paper: 0.9999)")
     ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -94,6 +95,8 @@ class Run:
         self.args = args
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
+        if args.image_size is None:  # resolved once and saved, like the learning rate below
+            args.image_size = 16 if args.data == "digits" else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
         self.model = DiT(args.variant, input_size=self.data.image_size, in_channels=self.data.channels,
                          num_classes=self.data.num_classes, learn_sigma=args.learn_sigma,
@@ -101,7 +104,7 @@ class Run:
                          block=args.block)
         self.diffusion = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
-            args.lr = 3e-4 if str(args.variant).startswith("mini/") else 1e-4
+            args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay)
         self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup)
         self.step = 0

@@ -85,10 +85,10 @@ def test_sample_cli(tmp_path):
                  "--npz", npz, "--sampler", "ddim"])
     assert Image.open(grid).size[0] > 3 * 32
     z = np.load(npz)
-    assert z["arr_0"].shape == (3, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    assert z["arr_0"].shape == (3, 16, 16, 1) and z["arr_0"].dtype == np.uint8  # the default: 16 px grayscale digits
     assert z["labels"].tolist() == [1, 7, 3]
     model = load_model(run)
-    assert model.num_classes == 10 and model.in_channels == 3
+    assert model.num_classes == 10 and model.in_channels == 1 and model.input_size == 16
     with pytest.raises(SystemExit, match=r"class labels must lie in \[0, 9\]"):
         sample_main(["--ckpt", run, "--class-labels", "12", "--out", grid])
     with pytest.raises(SystemExit, match="no checkpoint"):

@@ -333,7 +333,7 @@ def test_to_uint8_nhwc_matches_sample_ddp():
 def test_save_grid(tmp_path, channels, mode):
     x = np.ones((5, channels, 8, 6), dtype=np.float32)  # white tiles
     path = tmp_path / "sub" / "grid.png"
-    save_grid(x, path, nrow=3)
+    save_grid(x, path, nrow=3, scale=1)
     img = Image.open(path)
     assert img.mode == mode
     assert img.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)  # (W, H): 3 columns, 2 rows, 2 px padding
@@ -341,3 +341,6 @@ def test_save_grid(tmp_path, channels, mode):
     assert arr[0].max() == 0 and arr[2:10, 2:8].min() == 255  # black padding, white first tile
     assert arr[12:20, 2 + 2 * 8:8 + 2 * 8].max() == 0  # the 6th slot (row 2, column 3) is empty
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # written atomically, no temp left behind
+    save_grid(x, path, nrow=3)  # default scale: small images are enlarged to at least 32 px (8 px -> 4 x 4 blocks)
+    big = np.asarray(Image.open(path))
+    assert big.shape[:2] == (2 * (32 + 2) + 2, 3 * (24 + 2) + 2) and big[2:34, 2:26].min() == 255
