@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -67,12 +66,12 @@ def configurations(args):
 
 
 def train_config(args, run_dir, variant, block):
-    """Train (or finish training) one configuration; returns seconds spent training now."""
+    """Train (or finish training) one configuration."""
     ckpt = os.path.join(run_dir, "checkpoint.npz")
     if os.path.exists(ckpt):
         _, meta = load_checkpoint(ckpt)
         if meta["step"] >= args.steps:
-            return 0.0
+            return
         argv = ["--resume", run_dir, "--steps", str(args.steps)]
     else:
         argv = ["--backend", args.backend, "--variant", variant, "--block", block, "--data", "digits",
@@ -80,12 +79,10 @@ def train_config(args, run_dir, variant, block):
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
                 "--seed", str(args.seed), "--out", run_dir, "--log-every", str(max(1, args.steps // 20)),
                 "--ckpt-every", str(max(1, args.steps // 4)), "--no-final-samples"]
-    start = time.perf_counter()
     run = train_mod.train(*train_mod.parse_args(argv))
     if run is None or run.step < args.steps:
         sys.exit(f"experiment stopped: {run_dir} reached step {getattr(run, 'step', 0)} of {args.steps}; "
                  "run the same command again to continue")
-    return time.perf_counter() - start
 
 
 def loss_curve(run_dir):
@@ -113,12 +110,12 @@ def write_table(args, results, path):
              "EMA weights), classified by minidit.evaluate's digit classifier. Final loss: mean of the last log window.",
              "",
              "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "
-             "Frechet distance | train s |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Frechet distance |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['variant']} | {r['block']} | {r['params']:,} | {r['gmacs']:.4f} | "
                      f"{r['final_loss']:.4f} | {r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | "
-                     f"{r['frechet_distance']:.1f} | {r['train_seconds']:.0f} |")
+                     f"{r['frechet_distance']:.1f} |")
     floor = next(iter(results.values()))["reference_frechet_distance"]
     lines += ["", f"Frechet distance of as many real held-out digits (the floor): {floor:.1f}. "
               "Chance accuracy is 0.100."]
@@ -154,25 +151,19 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
-    earlier = {}  # a finished run is not trained again: its training time comes from the last results.json
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            earlier = json.load(f)["results"]
     results = {}
     for name, (variant, block) in configurations(args).items():
         run_dir = os.path.join(args.out, name)
         print(f"== {args.experiment}: {name} ({variant}, {block}, {args.steps} steps)")
         try:
-            seconds = train_config(args, run_dir, variant, block)
+            train_config(args, run_dir, variant, block)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        if seconds == 0.0 and name in earlier:
-            seconds = earlier[name]["train_seconds"]
         model, r = score(args, run_dir)
         steps, values = loss_curve(run_dir)
         results[name] = dict(variant=variant, block=block, params=model.num_params(), gmacs=model.gmacs(),
                              steps=args.steps, final_loss=values[-1], loss_steps=steps, loss_values=values,
-                             train_seconds=seconds, **{k: r[k] for k in (
+                             **{k: r[k] for k in (
                                  "accuracy", "min_class_accuracy", "per_class_accuracy", "frechet_distance",
                                  "reference_frechet_distance")})
         with open(results_path, "w") as f:  # after every configuration: nothing measured is lost

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--channels", type=int, choices=(1, 3), default=1,
                     help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=1500, help="training steps (ignored if --epochs is given)")
+    ap.add_argument("--steps", type=int, default=5000, help="training steps (ignored if --epochs is given)")
     ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
     ap.add_argument("--lr", type=float, default=None,
                     help="AdamW learning rate, constant (default: the paper's 1e-4 for the official variants, "
