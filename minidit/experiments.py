@@ -106,8 +106,9 @@ def write_table(args, results, path):
     lines = [f"# {args.experiment}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
              f"digits {args.image_size}x{args.image_size}x{args.channels}, backend {args.backend}",
              "",
-             f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps, "
-             "EMA weights), classified by minidit.evaluate's digit classifier. Final loss: mean of the last log window.",
+             f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM "
+             "steps, EMA weights), classified by minidit.evaluate's digit classifier. Final loss: mean of the last "
+             "log window.",
              "",
              "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "
              "Frechet distance |",

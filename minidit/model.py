@@ -20,10 +20,11 @@ import numpy as np
 
 from .backend import get_backend, get_xp, to_backend, to_device
 from .layers import (
-    attention_backward, attention_forward, cross_attention_backward, cross_attention_forward, embedding_backward, embedding_forward, gated_residual_backward,
-    gated_residual_forward, get_2d_sincos_pos_embed, layernorm_backward, layernorm_forward, linear_backward,
-    linear_forward, mlp_backward, mlp_forward, modulate_backward, modulate_forward, patch_embed_backward,
-    patch_embed_forward, silu_backward, silu_forward, timestep_embedding, unpatchify, unpatchify_backward,
+    attention_backward, attention_forward, cross_attention_backward, cross_attention_forward, embedding_backward,
+    embedding_forward, gated_residual_backward, gated_residual_forward, get_2d_sincos_pos_embed, layernorm_backward,
+    layernorm_forward, linear_backward, linear_forward, mlp_backward, mlp_forward, modulate_backward,
+    modulate_forward, patch_embed_backward, patch_embed_forward, silu_backward, silu_forward, timestep_embedding,
+    unpatchify, unpatchify_backward,
 )
 
 FREQ_DIM = 256  # size of the sinusoidal timestep embedding
@@ -200,7 +201,8 @@ def block_forward(x, cond, P, prefix, num_heads, block="adaln-zero"):
     c_ada = c_mod1 = c_mod2 = c_lnx = c_cross = None
     gate1 = gate2 = None
     if block in ADA_CHUNKS:
-        ada, c_ada = linear_forward(cond, P[prefix + "adaLN_modulation.1.weight"], P[prefix + "adaLN_modulation.1.bias"])
+        ada, c_ada = linear_forward(cond, P[prefix + "adaLN_modulation.1.weight"],
+                                    P[prefix + "adaLN_modulation.1.bias"])
         chunks = [ada[:, i * D:(i + 1) * D] for i in range(ADA_CHUNKS[block])]
         if block == "adaln-zero":
             shift1, scale1, gate1, shift2, scale2, gate2 = chunks

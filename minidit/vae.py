@@ -125,7 +125,8 @@ class VAE:
                                  " (found CompVis/ldm names such as 'encoder.down.0...': use the diffusers "
                                  "release of the VAE, e.g. stabilityai/sd-vae-ft-ema)"
                                  if any(k.startswith("encoder.down.") for k in self.P) else ""))
-        self.num_levels = 1 + max(int(m.group(1)) for k in self.P if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+        self.num_levels = 1 + max(int(m.group(1)) for k in self.P
+                                  if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
         self.layers_per_block = 1 + max(int(m.group(1)) for k in self.P
                                         if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
         self.latent_channels = self.P["post_quant_conv.weight"].shape[0]
