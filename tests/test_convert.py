@@ -30,6 +30,21 @@ def test_infer_model_reads_the_shapes():
         infer_model({"weight": np.zeros(3)})
 
 
+def test_without_pytorch_the_message_names_the_extra(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(SystemExit, match=r'needs PyTorch: pip install -e "\.\[torch\]"'):
+        convert_main([str(tmp_path / "DiT-XL-2-256x256.pt"), str(tmp_path / "out.npz")])
+
+
 torch = pytest.importorskip("torch")
 
 
