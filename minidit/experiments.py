@@ -85,11 +85,14 @@ def train_config(args, run_dir, variant, block):
                  "run the same command again to continue")
 
 
-def loss_curve(run_dir):
-    """(steps, mean loss of each log window) from the run's metrics.jsonl."""
+def loss_curve(run_dir, steps):
+    """(window end steps, mean loss of each window) from the per-step losses in the run's metrics.jsonl, with the
+    same window (steps / 20) for every configuration, whatever --log-every the run used."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r["step"] for r in rows], [r["loss"] for r in rows]
+        losses = np.array([x for line in f for x in json.loads(line)["losses"]][:steps])  # one per step
+    w = max(1, steps // 20)
+    n = len(losses) // w
+    return [(i + 1) * w for i in range(n)], losses[:n * w].reshape(n, w).mean(axis=1).tolist()
 
 
 def score(args, run_dir):
@@ -107,8 +110,8 @@ def write_table(args, results, path):
              f"digits {args.image_size}x{args.image_size}x{args.channels}, backend {args.backend}",
              "",
              f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM "
-             "steps, EMA weights), classified by minidit.evaluate's digit classifier. Final loss: mean of the last "
-             "log window.",
+             "steps, EMA weights), classified by minidit.evaluate's digit classifier. Final loss: the mean training "
+             "loss of the last 5% of the steps (the last point of the curves).",
              "",
              "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "
              "Frechet distance |",
@@ -161,7 +164,7 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"error: {e}")
         model, r = score(args, run_dir)
-        steps, values = loss_curve(run_dir)
+        steps, values = loss_curve(run_dir, args.steps)
         results[name] = dict(variant=variant, block=block, params=model.num_params(), gmacs=model.gmacs(),
                              steps=args.steps, final_loss=values[-1], loss_steps=steps, loss_values=values,
                              **{k: r[k] for k in (

@@ -23,7 +23,7 @@ def test_conditioning_runs_scores_and_resumes(tmp_path):
         results = json.load(f)["results"]
     assert list(results) == ["adaln", "in-context"]
     for name, r in results.items():
-        assert r["block"] == name and r["steps"] == 2 and len(r["loss_values"]) == 2
+        assert r["block"] == name and r["steps"] == 2 and r["loss_steps"] == [1, 2] and len(r["loss_values"]) == 2
         assert 0 <= r["accuracy"] <= 1 and r["frechet_distance"] > 0
     table = open(os.path.join(out, "results.md")).read()
     assert "| adaln | mini/4 | adaln |" in table and "| in-context | mini/4 | in-context |" in table
