@@ -141,7 +141,7 @@ def write_plot(args, results, path):
         ax.plot(r["loss_steps"], r["loss_values"], label=f"{name} (acc {r['accuracy']:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean per log window)")
+    ax.set_ylabel("training loss (mean over 5% of the steps)")
     ax.set_title(f"{args.experiment}: digits {args.image_size}px, batch {args.batch_size}, lr {args.lr}")
     ax.legend()
     ax.grid(alpha=0.3)
