@@ -43,11 +43,12 @@ def parse_args(argv=None):
     ap.add_argument("--variant", default="mini/4", help="conditioning: the model (default mini/4)")
     ap.add_argument("--variants", nargs="+", default=["mini/4", "mini/2", "S/4"],
                     help="scaling: the models (default mini/4 mini/2 S/4)")
-    ap.add_argument("--image-size", type=int, default=32, help="default 32")
-    ap.add_argument("--channels", type=int, default=3, help="digit image channels (default 3)")
-    ap.add_argument("--steps", type=int, default=400, help="training steps of every configuration (default 400)")
+    ap.add_argument("--image-size", type=int, default=16, help="digit image side (default 16, as the CPU demo)")
+    ap.add_argument("--channels", type=int, default=1, help="digit image channels (default 1)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps of every configuration (default 2000 for conditioning, 1000 for scaling)")
     ap.add_argument("--batch-size", type=int, default=32, help="default 32")
-    ap.add_argument("--lr", type=float, default=3e-4, help="default 3e-4")
+    ap.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (the mini variants' default)")
     ap.add_argument("--per-class", type=int, default=10, help="samples per class for the score (default 10)")
     ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the scored samples (default 50)")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the scored samples (default 4)")
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="default results/<experiment>")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join("results", args.experiment)
+    if args.steps is None:
+        args.steps = 2000 if args.experiment == "conditioning" else 1000
     return args
 
 
