@@ -323,7 +323,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None):
 def check_samples(images, labels):
     """Raise ValueError (with what was expected) unless images are uint8 (N, S, S, C), C in (1, 3), N >= 1, and
     labels are integers (N,) in 0..9. Square images of another size S are resized to the classifier's 32 x 32
-    (bilinear), so that models trained on, say, 16 x 16 digits can be scored; the result says so."""
+    (bilinear), so that models trained on, say, 16 x 16 digits can be scored."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be (N, H, W, C) with C = 1 or 3, got shape {images.shape}")
