@@ -19,7 +19,6 @@ query/key/value/proj_attn; they are renamed on load. The original CompVis (ldm) 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
@@ -27,7 +26,7 @@ import struct
 import numpy as np
 
 from .backend import get_backend, get_xp, to_backend
-from .layers import silu_forward, softmax_forward
+from .layers import attend_forward, silu_forward
 
 SCALE = 0.18215  # latents = SCALE * the VAE's posterior (DiT's train.py and sample.py)
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # older diffusers
@@ -163,9 +162,10 @@ class VAE:
         """Single-head self-attention over the H*W pixels, channels as features; residual."""
         N, C, H, W = x.shape
         h = self.norm(x, name + ".group_norm").reshape(N, C, H * W).transpose(0, 2, 1)  # (N, HW, C)
-        q, k, v = ((h @ self.P[f"{name}.{n}.weight"].T) + self.P[f"{name}.{n}.bias"] for n in ("to_q", "to_k", "to_v"))
-        a, _ = softmax_forward((q @ k.transpose(0, 2, 1)) * (1.0 / math.sqrt(C)))  # (N, HW, HW)
-        o = (a @ v) @ self.P[name + ".to_out.0.weight"].T + self.P[name + ".to_out.0.bias"]
+        q, k, v = ((h @ self.P[f"{name}.{n}.weight"].T + self.P[f"{name}.{n}.bias"])[:, None]  # (N, 1, HW, C)
+                   for n in ("to_q", "to_k", "to_v"))
+        y, _ = attend_forward(q, k, v)  # one head of size C: softmax(q k^T / sqrt(C)) v
+        o = y[:, 0] @ self.P[name + ".to_out.0.weight"].T + self.P[name + ".to_out.0.bias"]
         return x + o.transpose(0, 2, 1).reshape(N, C, H, W)
 
     def mid(self, x, side):
