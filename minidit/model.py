@@ -500,8 +500,10 @@ class DiT:
             dh = xp.concatenate([xp.zeros_like(dh[:, :2]), dh], axis=1)
         for i in reversed(range(self.depth)):
             dh, dcond_i = block_backward(dh, cache.blocks[i], f"blocks.{i}.", grads)
-            # the condition feeds every block: its gradients add up
-            dcond = dcond_i if dcond is None else dcond + dcond_i
+            if dcond is None:  # the final layer had no adaLN (cross-attention, in-context)
+                dcond = dcond_i
+            elif dcond_i is not None:
+                dcond += dcond_i  # the condition feeds every block: its gradients add up (in place, as before)
         if self.block in ADA_CHUNKS:
             dyemb = dtemb = silu_backward(dcond, cache.c_silu)  # c = temb + yemb, so both receive dc
         elif self.block == "cross-attention":
