@@ -11,6 +11,9 @@ arrays refuse to meet NumPy as CuPy's do and count every host sync).
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 BACKENDS = ("numpy", "cupy", "strict")
@@ -81,6 +84,39 @@ def to_backend(x, xp, dtype=None):
     if get_xp(x) is not xp:
         x = to_device(to_numpy(x), xp)
     return x if dtype is None else x.astype(dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused CUDA kernels (minidit.cuda_kernels) for CuPy arrays; everything else runs the array code
+# ----------------------------------------------------------------------------------------------
+_fused_kernels = os.environ.get("MINIDIT_FUSED_KERNELS", "1") != "0"
+
+
+def set_fused_kernels(enabled: bool) -> bool:
+    """Switch CuPy's fused kernels on or off (for benchmarks and equivalence tests); returns the previous setting."""
+    global _fused_kernels
+    previous, _fused_kernels = _fused_kernels, bool(enabled)
+    return previous
+
+
+def fused(reference):
+    """Decorator: on CuPy arrays, call the kernel of the same name in minidit.cuda_kernels instead of `reference`.
+
+    The decorated function IS the reference (NumPy and the strict backend always run it, CuPy runs it when fused
+    kernels are off); it stays reachable as ``f.reference`` for the equivalence tests. Dispatch looks at the
+    first argument only; the kernel takes exactly the reference's arguments.
+    """
+    @functools.wraps(reference)
+    def dispatch(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        if _fused_kernels and type(first).__module__.startswith("cupy"):
+            from . import cuda_kernels
+
+            return getattr(cuda_kernels, reference.__name__)(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    dispatch.reference = reference
+    return dispatch
 
 
 def make_rng(xp, seed):

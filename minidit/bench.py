@@ -33,7 +33,7 @@ import tracemalloc
 
 import numpy as np
 
-from .backend import BACKENDS, get_backend, to_device
+from .backend import get_backend, set_fused_kernels, to_device
 from .diffusion import Diffusion
 from .model import DiT, forward_macs, get_config
 from .optim import EMA, AdamW
@@ -299,7 +299,8 @@ def bench_config(spec, args):
     mini = MiniditSide(spec, args.backend, batch)
     xp = mini.xp
     print(f"== minidit.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
-          f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}, "
+          f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}"
+          f"{'' if xp is np else ' (fused kernels ' + ('on' if args.fused else 'off') + ')'}, "
           f"threads {args.threads_note} ==")
     print(f"model: {mini.model.num_params() / 1e6:.2f}M parameters; forward {macs / 1e9:.4f} GMACs/image")
     print(f"FLOP convention: training FLOPs/image = 3 x 2 x forward MACs = {train_flops / 1e9:.4f} GFLOP "
@@ -449,7 +450,8 @@ def bench_sampling(spec, args):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
+    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                    help="numpy (CPU) or cupy (CUDA); the strict test backend has nothing to time")
     ap.add_argument("--preset", choices=[*PRESETS, "all"], default=None,
                     help="small: mini/4 on 32x32x3, 10 classes, batch 32; s4: S/4 on 32x32x4, batch 16; "
                          "s2: S/2 at batch 8; all: the three. Options given explicitly override a preset's.")
@@ -467,6 +469,8 @@ def parse_args(argv=None):
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument("--memory-child", choices=["minidit", "torch"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="on cupy: use the fused CUDA kernels of minidit.cuda_kernels (--no-fused: the array code)")
     ap.add_argument("--sampling", action="store_true",
                     help="measure guided sampling instead of training: time per step and peak resident memory "
                          "(e.g. --variant XL/2 --batch-size 8 --sampling --vae-decode: the official 256 px setting)")
@@ -498,6 +502,7 @@ def main(argv=None):
     """Run the benchmark; returns the exit status (0, or 2 when the backend is unavailable)."""
     args = parse_args(argv)
     args.threads_note = limit_threads(args.threads)
+    set_fused_kernels(args.fused)
     if args.memory_child:
         memory_child(args.memory_child, specs_from_args(args)[0], args.threads)
         return 0

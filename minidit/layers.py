@@ -7,6 +7,9 @@ No state lives anywhere else, so two forwards followed by two backwards are fine
 its array module from its inputs (`get_xp`), so the same code runs on NumPy and CuPy, and every
 backward is checked against central differences in float64 in tests/test_layers.py.
 
+Functions marked @fused also have a fused CUDA kernel (minidit.cuda_kernels) that CuPy runs instead, one pass
+over memory in place of several; the code here is the reference, which NumPy runs and the kernels are tested against.
+
 Shapes: N batch, T tokens, D hidden size, NH heads, hs = D / NH head size, p patch size, C channels.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_xp, to_device
+from .backend import fused, get_xp, to_device
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -59,6 +62,7 @@ class LayerNormCache(NamedTuple):
     rstd: Array  # (..., 1) 1 / sqrt(var + eps)
 
 
+@fused
 def layernorm_forward(x, eps=1e-6):
     """x (..., D) -> xhat (..., D); biased variance, eps = 1e-6 as in DiT."""
     mu = x.mean(axis=-1, keepdims=True)
@@ -69,6 +73,7 @@ def layernorm_forward(x, eps=1e-6):
     return xhat, LayerNormCache(xhat, rstd)
 
 
+@fused
 def layernorm_backward(dxhat, cache):
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), means over the last axis.
 
@@ -89,6 +94,7 @@ class ModulateCache(NamedTuple):
     scale: Array  # (N, D)
 
 
+@fused
 def modulate_forward(x, shift, scale):
     """x (N, T, D), shift (N, D), scale (N, D) -> (N, T, D)."""
     out = x * (1 + scale[:, None, :])
@@ -113,6 +119,7 @@ class GateCache(NamedTuple):
     y: Array  # (N, T, D) the branch output
 
 
+@fused
 def gated_residual_forward(x, gate, y):
     """x, y (N, T, D), gate (N, D) -> x + gate[:, None] * y."""
     return x + gate[:, None, :] * y, GateCache(gate, y)
@@ -156,6 +163,7 @@ class GELUCache(NamedTuple):
     th: Array  # tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3)
 
 
+@fused
 def gelu_forward(x):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = get_xp(x)
@@ -171,6 +179,7 @@ def gelu_forward(x):
     return y, GELUCache(x, th)
 
 
+@fused
 def gelu_backward(dy, cache):
     """d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     x, th = cache
@@ -188,6 +197,7 @@ def gelu_backward(dy, cache):
     return g
 
 
+@fused
 def softmax_forward(s):
     """Softmax over the last axis, shifted by the row max for stability. Returns (a, a): a is its own cache."""
     xp = get_xp(s)
@@ -197,6 +207,7 @@ def softmax_forward(s):
     return a, a
 
 
+@fused
 def softmax_backward(da, a):
     """The softmax Jacobian is diag(a) - a a^T, so ds = a * (da - sum(da * a))  (sum over the last axis)."""
     ds = da * a

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_xp, to_backend
+from .backend import fused, get_xp, to_backend
 
 
 def _to_like(value, like):
@@ -35,6 +35,33 @@ def _check_keys(d, expected: set, what: str):
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
         raise ValueError(f"{what}: " + "; ".join(parts))
+
+
+@fused
+def adamw_update(p, g, m, v, keep, step_size, bc2_sqrt, b1, b2, eps):
+    """One AdamW update of one parameter, in place on p, m, v (see AdamW for the formulas):
+    keep = 1 - lr * wd,  step_size = lr / (1 - b1^t),  bc2_sqrt = sqrt(1 - b2^t)."""
+    xp = get_xp(p)
+    tmp = xp.empty_like(p)  # the one temporary
+    if keep != 1.0:
+        p *= keep  # decoupled weight decay
+    # m += (1 - b1) (g - m)          == b1 m + (1 - b1) g
+    xp.subtract(g, m, out=tmp)
+    tmp *= 1.0 - b1
+    m += tmp
+    # v = b2 v + (1 - b2) g^2
+    v *= b2
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - b2
+    v += tmp
+    # denom = sqrt(v) / sqrt(1 - b2^t) + eps  (= sqrt(v^) + eps)
+    xp.sqrt(v, out=tmp)
+    tmp /= bc2_sqrt
+    tmp += eps
+    # p -= lr / (1 - b1^t) * m / denom
+    xp.divide(m, tmp, out=tmp)
+    tmp *= step_size
+    p -= tmp
 
 
 class AdamW:
@@ -78,7 +105,7 @@ class AdamW:
         if unknown:
             raise ValueError(f"gradients for unknown parameters {unknown}")
         self.step_count += 1
-        b1, b2, lr, eps = self.beta1, self.beta2, self.lr, self.eps
+        b1, b2, lr = self.beta1, self.beta2, self.lr
         for name, p in params.items():
             g = grads.get(name)
             if g is None:
@@ -90,31 +117,9 @@ class AdamW:
                 self.m[name] = xp.zeros_like(p)
                 self.v[name] = xp.zeros_like(p)
                 self.t[name] = 0
-            m, v = self.m[name], self.v[name]
             self.t[name] = t = self.t[name] + 1
-            step_size = lr / (1.0 - b1**t)
-            bc2_sqrt = math.sqrt(1.0 - b2**t)
-            tmp = xp.empty_like(p)  # the one temporary per parameter
-
-            if self.weight_decay != 0.0:
-                p *= 1.0 - lr * self.weight_decay
-            # m += (1 - b1) (g - m)          == b1 m + (1 - b1) g
-            xp.subtract(g, m, out=tmp)
-            tmp *= 1.0 - b1
-            m += tmp
-            # v = b2 v + (1 - b2) g^2
-            v *= b2
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            # denom = sqrt(v) / sqrt(1 - b2^t) + eps  (= sqrt(v^) + eps)
-            xp.sqrt(v, out=tmp)
-            tmp /= bc2_sqrt
-            tmp += eps
-            # p -= lr / (1 - b1^t) * m / denom
-            xp.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+            adamw_update(p, g, self.m[name], self.v[name], 1.0 - lr * self.weight_decay, lr / (1.0 - b1**t),
+                         math.sqrt(1.0 - b2**t), b1, b2, self.eps)
 
     def state_dict(self) -> dict:
         """Flat state: "step", hyper-parameters, and "m.<name>", "v.<name>" arrays, "t.<name>" ints.
@@ -163,6 +168,14 @@ class AdamW:
         self.beta1, self.beta2 = float(d["beta1"]), float(d["beta2"])
 
 
+@fused
+def ema_update(e, p, d):
+    """ema = d ema + (1 - d) p in place, written as d (ema - p) + p, which needs no temporary array."""
+    e -= p
+    e *= d
+    e += p
+
+
 class EMA:
     """Exponential moving average of the weights: ``ema = decay * ema + (1 - decay) * p`` for every parameter.
 
@@ -201,11 +214,7 @@ class EMA:
         for name, e in self.params.items():
             if d == 1.0:  # frozen: skip, since (ema - p) + p need not round back to ema exactly
                 break
-            p = params[name]
-            # written as ema = d (ema - p) + p  ==  d ema + (1 - d) p, with no temporary array
-            e -= p
-            e *= d
-            e += p
+            ema_update(e, params[name], d)
         self.num_updates += 1
 
     def state_dict(self) -> dict:
