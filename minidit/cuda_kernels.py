@@ -14,7 +14,8 @@ Two kinds of kernel:
     type T is float or double, taken from the arrays;
   * row-wise (cupy.RawModule, one warp of 32 threads per row of the last axis, the row's sums and maxima reduced
     with warp shuffles): LayerNorm and softmax, forward and backward. Rows are read from global memory a second
-    (third) time rather than held in registers, so any row length works.
+    (third) time rather than held in registers, so any row length works;
+  * and one that is not a kernel of ours: sum_rows, the bias-gradient reduction, as a matmul with a ones vector.
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def modulate_forward(x, shift, scale):
 
 def gated_residual_forward(x, gate, y):
     return _gated_residual(x, gate[:, None, :], y), GateCache(gate, y)
+
+
+def sum_rows(x):
+    ones = cp.ones((*x.shape[:-2], 1, x.shape[-2]), dtype=x.dtype)  # (..., 1, M)
+    return (ones @ x)[..., 0, :]
 
 
 def adamw_update(p, g, m, v, keep, step_size, bc2_sqrt, b1, b2, eps):
