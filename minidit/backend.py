@@ -11,6 +11,7 @@ arrays refuse to meet NumPy as CuPy's do and count every host sync).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -35,9 +36,28 @@ def _cupy():
     return cupy
 
 
+@functools.lru_cache(maxsize=None)
+def keep_freed_host_memory():
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS. Returns whether it could.
+
+    A training step allocates and frees the same large temporaries every step. By default glibc serves blocks over
+    128 KiB with mmap and returns them on free, so every step page-faults its temporaries in again: measured here,
+    a mini/4 step at batch 64 took 240-260 ms that way and 155-180 ms with this setting. Process-wide; a no-op
+    where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to open, or not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))  # 32 MiB, 1 GiB
+
+
 def get_backend(name: str):
-    """Array module for a backend name: 'numpy', 'cupy' or 'strict'."""
+    """Array module for a backend name: 'numpy', 'cupy' or 'strict'. (numpy also calls keep_freed_host_memory.)"""
     if name == "numpy":
+        keep_freed_host_memory()
         return np
     if name == "cupy":
         return _cupy()

@@ -45,7 +45,7 @@ VARIANTS = {
     **{f"L/{p}": DiTConfig(24, 1024, 16, p) for p in (2, 4, 8)},
     **{f"XL/{p}": DiTConfig(28, 1152, 16, p) for p in (2, 4, 8)},
     # Not in the paper: small models for CPU demos (head size 64 like the official ones).
-    **{f"mini/{p}": DiTConfig(6, 192, 3, p) for p in (2, 4)},
+    **{f"mini/{p}": DiTConfig(6, 192, 3, p) for p in (2, 4, 8)},
 }
 
 
