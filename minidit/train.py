@@ -41,7 +41,9 @@ def parse_args(argv=None):
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
                     help="numpy (CPU), cupy (CUDA), or strict (a CPU emulation of a device, for testing: it refuses "
                          "NumPy arrays in device math as CuPy does, and counts host syncs)")
-    ap.add_argument("--variant", default="mini/4", help="S/2 ... XL/8 (official), or mini/2, mini/4 (small, for CPUs)")
+    ap.add_argument("--variant", default="mini/8",
+                    help="S/2 ... XL/8 (official), or mini/2, mini/4, mini/8 (small, for CPUs; the default mini/8 sees a "
+                         "16 px digit as 4 tokens of 8 x 8 pixels)")
     ap.add_argument("--data", default="digits",
                     help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
@@ -50,8 +52,8 @@ def parse_args(argv=None):
                          "latents keep their own)")
     ap.add_argument("--channels", type=int, choices=(1, 3), default=1,
                     help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=5000, help="training steps (ignored if --epochs is given)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per step (the paper: 256)")
+    ap.add_argument("--steps", type=int, default=7000, help="training steps (ignored if --epochs is given)")
     ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
     ap.add_argument("--lr", type=float, default=None,
                     help="AdamW learning rate, constant (default: the paper's 1e-4 for the official variants, "
