@@ -9,13 +9,13 @@ on a GPU, in float32 and float64. The formulas are written next to the reference
 Why they pay: on a GPU the composed array code is bound by memory traffic, not arithmetic. The tanh-GELU
 forward, for example, is six elementwise passes over the (N, T, 4D) activation in array code and one here.
 
-Two kinds of kernel:
+Three kinds:
   * elementwise (cupy.ElementwiseKernel): GELU, modulate, the gated residual, the AdamW and EMA updates; the
     type T is float or double, taken from the arrays;
   * row-wise (cupy.RawModule, one warp of 32 threads per row of the last axis, the row's sums and maxima reduced
     with warp shuffles): LayerNorm and softmax, forward and backward. Rows are read from global memory a second
     (third) time rather than held in registers, so any row length works;
-  * and one that is not a kernel of ours: sum_rows, the bias-gradient reduction, as a matmul with a ones vector.
+  * one that is not a kernel of ours: sum_rows, the bias-gradient reduction, as a matmul with a ones vector.
 """
 from __future__ import annotations
 
