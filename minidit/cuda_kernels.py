@@ -30,13 +30,14 @@ from .layers import GELU_A, GELU_C, GateCache, GELUCache, LayerNormCache, Modula
 # elementwise kernels
 # ----------------------------------------------------------------------------------------------
 _gelu_fwd = cp.ElementwiseKernel(
-    "T x", "T y, T th",
-    f"th = tanh((T){GELU_C!r} * (x + (T){GELU_A!r} * x * x * x)); y = (T)0.5 * x * ((T)1 + th);",
+    "T x", "T y",
+    f"T th = tanh((T){GELU_C!r} * (x + (T){GELU_A!r} * x * x * x)); y = (T)0.5 * x * ((T)1 + th);",
     "minidit_gelu_fwd")
 
 _gelu_bwd = cp.ElementwiseKernel(
-    "T dy, T x, T th", "T dx",
-    f"dx = dy * ((T)0.5 * ((T)1 + th)"
+    "T dy, T x", "T dx",
+    f"T th = tanh((T){GELU_C!r} * (x + (T){GELU_A!r} * x * x * x));"
+    f" dx = dy * ((T)0.5 * ((T)1 + th)"
     f" + (T){0.5 * GELU_C!r} * x * ((T)1 + (T){3 * GELU_A!r} * x * x) * ((T)1 - th * th));",
     "minidit_gelu_bwd")
 
@@ -60,12 +61,11 @@ _ema = cp.ElementwiseKernel("T p, T d", "T e", "e = d * (e - p) + p", "minidit_e
 
 
 def gelu_forward(x):
-    y, th = _gelu_fwd(x)
-    return y, GELUCache(x, th)
+    return _gelu_fwd(x), GELUCache(x)
 
 
 def gelu_backward(dy, cache):
-    return _gelu_bwd(dy, cache.x, cache.th)
+    return _gelu_bwd(dy, cache.x)
 
 
 def modulate_forward(x, shift, scale):

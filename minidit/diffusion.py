@@ -121,7 +121,7 @@ def approx_standard_normal_cdf(u):
     dPhi/du = 0.5 (1 - tanh^2) k (1 + 3 * 0.044715 u^2)   (the derivative of the approximation, not the exact pdf)
     """
     xp = get_xp(u)
-    th = xp.tanh(_K * (u + 0.044715 * u ** 3))
+    th = xp.tanh(_K * (u + 0.044715 * (u * u * u)))  # u * u * u: NumPy's u ** 3 calls pow() per element
     cdf = 0.5 * (1.0 + th)
     dcdf = 0.5 * (1.0 - th * th) * _K * (1.0 + 3 * 0.044715 * u * u)
     return cdf, dcdf
