@@ -32,11 +32,13 @@ import time
 import tracemalloc
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .backend import get_backend, set_fused_kernels, to_device
 from .diffusion import Diffusion
 from .model import DiT, forward_macs, get_config
 from .optim import EMA, AdamW
+from .threads import ShardedDiT
 
 PRESETS = {  # the configurations of the speed issue
     "small": dict(variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32),
@@ -52,16 +54,8 @@ MiB = float(2**20)
 # ----------------------------------------------------------------------------------------------
 def limit_threads(n):
     """Limit this process's BLAS / OpenMP pools to n threads (NumPy's BLAS reads its env vars only at import,
-    so threadpoolctl does it at run time). Returns how the count was set, for the output."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        print(f"warning: threadpoolctl is not installed, so the BLAS thread count is NOT set to {n} "
-              "(pip install -e \".[bench]\", or set OPENBLAS_NUM_THREADS and OMP_NUM_THREADS before python starts)",
-              file=sys.stderr)
-        return "not set (threadpoolctl missing)"
-    threadpool_limits(limits=n)  # stays in force for the process
-    return f"{n} (threadpoolctl)"
+    so threadpoolctl does it at run time); stays in force for the process."""
+    threadpool_limits(limits=n)
 
 
 class HostTimer:
@@ -143,28 +137,31 @@ def make_batch(spec, seed=0):
 class MiniditSide:
     name = "minidit"
 
-    def __init__(self, spec, backend, batch):
+    def __init__(self, spec, backend, batch, threads=1):
         self.xp = xp = get_backend(backend)
         self.model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
                          num_classes=spec["num_classes"], seed=0, backend=backend)
+        threads = threads if xp is np else 1  # NumPy: one batch shard per thread, as python -m minidit.train
+        self.net = ShardedDiT(self.model, threads) if xp is np else self.model
         self.diffusion = Diffusion("")
-        self.opt, self.ema = AdamW(self.model.params, lr=1e-4), EMA(self.model.params, decay=0.9999)
+        self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
+        self.ema = EMA(self.model.params, decay=0.9999, threads=threads)
         self.x0, self.y, self.t, self.noise = (to_device(a, xp) for a in batch)
         self.rng = np.random.default_rng(1)  # label dropout
         self.timer = HostTimer() if xp is np else cupy_timer(xp)
         self.label = f"minidit {backend}"
 
     def step(self):
-        m, tm = self.model, self.timer
+        net, params, tm = self.net, self.model.params, self.timer
         tm.start()
         x_t = self.diffusion.q_sample(self.x0, self.t, self.noise)
-        out, cache = m.forward(x_t, self.t, self.y, train=True, rng=self.rng)
+        out, cache = net.forward(x_t, self.t, self.y, train=True, rng=self.rng)
         tm.mark()
         _, _, dout = self.diffusion.training_loss(out, self.x0, self.t, self.noise)
-        grads = m.backward(dout, cache)
+        grads = net.backward(dout, cache, release=True)
         tm.mark()
-        self.opt.step(m.params, grads)
-        self.ema.update(m.params)
+        self.opt.step(params, grads)
+        self.ema.update(params)
         tm.mark()
         return tm.phases()
 
@@ -239,7 +236,7 @@ def rss_growth_in_fresh_process(side_name, spec, threads):
 
 def memory_child(side_name, spec, threads):
     batch = make_batch(spec)
-    side = MiniditSide(spec, "numpy", batch)
+    side = MiniditSide(spec, "numpy", batch, threads)
     if side_name == "torch":
         import torch
         torch.set_num_threads(threads)
@@ -296,12 +293,15 @@ def bench_config(spec, args):
     train_flops = 3 * 2 * macs  # per image
     N = spec["batch_size"]
     batch = make_batch(spec)
-    mini = MiniditSide(spec, args.backend, batch)
+    mini = MiniditSide(spec, args.backend, batch, args.threads)
     xp = mini.xp
     print(f"== minidit.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
           f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}"
           f"{'' if xp is np else ' (fused kernels ' + ('on' if args.fused else 'off') + ')'}, "
-          f"threads {args.threads_note} ==")
+          f"threads {args.threads} ==")
+    if xp is np:
+        print(f"threads: minidit runs {args.threads} batch shards at once, one thread each with a single-threaded BLAS "
+              f"(minidit.threads); torch and the matmul peak use {args.threads} threads inside each op")
     print(f"model: {mini.model.num_params() / 1e6:.2f}M parameters; forward {macs / 1e9:.4f} GMACs/image")
     print(f"FLOP convention: training FLOPs/image = 3 x 2 x forward MACs = {train_flops / 1e9:.4f} GFLOP "
           "(backward = 2 forwards, 2 FLOPs per multiply-add; matmuls only, elementwise ops not counted)")
@@ -501,7 +501,7 @@ def specs_from_args(args):
 def main(argv=None):
     """Run the benchmark; returns the exit status (0, or 2 when the backend is unavailable)."""
     args = parse_args(argv)
-    args.threads_note = limit_threads(args.threads)
+    limit_threads(args.threads)
     set_fused_kernels(args.fused)
     if args.memory_child:
         memory_child(args.memory_child, specs_from_args(args)[0], args.threads)

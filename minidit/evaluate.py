@@ -37,7 +37,6 @@ takes well under a second.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -54,6 +53,7 @@ from .backend import get_xp
 from .checkpoint import CheckpointError, add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from .data import DIGITS_VERSION, default_cache_dir, load_dataset
 from .optim import AdamW
+from .threads import single_threaded_blas
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -283,20 +283,6 @@ def feature_stats(features):
     return mu, fc.T @ fc / (len(f) - 1)
 
 
-def _one_blas_thread():
-    """A context that runs LAPACK single-threaded where threadpoolctl is installed (an optional extra), else nothing.
-
-    The symmetric eigensolver makes many small BLAS calls; with OpenBLAS threads on a machine that other processes
-    keep busy, each call's thread hand-off can cost a scheduler time slice, and a 256 x 256 eigh took 1 s instead of
-    6 ms (OpenMathLib/OpenBLAS#5517). One thread is the fastest at this size anyway.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None):
     """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
 
@@ -309,7 +295,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None):
     """
     mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
     sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
-    with _one_blas_thread():
+    # One BLAS thread: the symmetric eigensolver makes many small BLAS calls, and with OpenBLAS threads on a machine
+    # that other processes keep busy each call's hand-off can cost a scheduler time slice (a 256 x 256 eigh took 1 s
+    # instead of 6 ms, OpenMathLib/OpenBLAS#5517). One thread is the fastest at this size anyway.
+    with single_threaded_blas():
         s = sqrtm_psd(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
         m = s @ sigma2 @ s
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)).sum()
@@ -379,7 +368,7 @@ def evaluate(images, labels, classifier=None, heldout=None, num_reference=5000):
     fd = fd_floor = None
     if len(images) >= 2 and len(floor) >= 2:
         mu_r, sigma_r = feature_stats(ref_feats)
-        with _one_blas_thread():
+        with single_threaded_blas():  # as in frechet_distance
             sqrt_r = sqrtm_psd(sigma_r)
         fd = frechet_distance(mu_r, sigma_r, *feature_stats(feats), sqrt_sigma1=sqrt_r)
         fd_floor = frechet_distance(mu_r, sigma_r, *feature_stats(floor_feats), sqrt_sigma1=sqrt_r)

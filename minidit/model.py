@@ -452,12 +452,11 @@ class DiT:
         """
         self.check_inputs(x, t, y)
         P, xp = self.params, self.xp
-        # label dropout -> the null class (the mask is drawn on the host, N booleans)
+        # label dropout -> the null class
+        if force_drop_ids is None and train:
+            force_drop_ids = self.label_dropout(x.shape[0], rng)
         if force_drop_ids is not None:
             y = xp.where(xp.asarray(force_drop_ids) == 1, self.num_classes, y)
-        elif train and self.class_dropout_prob > 0:
-            drop = (rng or self.rng).random(x.shape[0]) < self.class_dropout_prob
-            y = xp.where(to_device(drop, xp), self.num_classes, y)
 
         h, c_patch = patch_embed_forward(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], self.patch_size)
         h += P["pos_embed"]  # (N, T, D)
@@ -489,9 +488,20 @@ class DiT:
             return out, None
         return out, DiTCache(c_patch, c_t1, c_tsilu, c_t2, c_y, c_csilu, block_caches, c_final)
 
-    def backward(self, dout, cache, return_dx=False):
+    def label_dropout(self, n, rng=None):
+        """The training-time label dropout of n samples: (n,) bool on the host, True = replaced by the null class,
+        each with probability class_dropout_prob, drawn from `rng` (a numpy Generator; the model's own if None).
+        None when the model has no dropout."""
+        if self.class_dropout_prob <= 0:
+            return None
+        return (rng or self.rng).random(n) < self.class_dropout_prob
+
+    def backward(self, dout, cache, return_dx=False, release=False):
         """dout (N, C_out, H, W) -> grads: name -> gradient for every trainable parameter
-        (and the input gradient dx too, as (grads, dx), when return_dx=True)."""
+        (and the input gradient dx too, as (grads, dx), when return_dx=True).
+
+        release=True drops each block's activations from `cache` as soon as its backward is done, so memory falls
+        while the gradients fill up (a training step then peaks lower); the cache cannot be used again."""
         xp = get_xp(dout)
         grads = {}
         dh = unpatchify_backward(dout, self.patch_size)
@@ -500,6 +510,8 @@ class DiT:
             dh = xp.concatenate([xp.zeros_like(dh[:, :2]), dh], axis=1)
         for i in reversed(range(self.depth)):
             dh, dcond_i = block_backward(dh, cache.blocks[i], f"blocks.{i}.", grads)
+            if release:
+                cache.blocks[i] = None
             if dcond is None:  # the final layer had no adaLN (cross-attention, in-context)
                 dcond = dcond_i
             elif dcond_i is not None:

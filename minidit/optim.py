@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .backend import fused, get_xp, to_backend
+from .threads import balanced_groups, parallel_map
 
 
 def _to_like(value, like):
@@ -35,6 +38,17 @@ def _check_keys(d, expected: set, what: str):
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
         raise ValueError(f"{what}: " + "; ".join(parts))
+
+
+def run_updates(update, args, threads):
+    """update(*a) for every a in args; with threads > 1 on NumPy arrays, spread over that many threads in groups
+    of about equal size (NumPy releases the GIL in its loops, so the groups run at once)."""
+    if threads <= 1 or not args or get_xp(args[0][0]) is not np:
+        for a in args:
+            update(*a)
+        return
+    groups = balanced_groups([a[0].size for a in args], threads)
+    parallel_map(lambda group: [update(*args[i]) for i in group], groups, threads)
 
 
 @fused
@@ -78,9 +92,12 @@ class AdamW:
     Parameters absent from ``grads`` (the frozen ``pos_embed``, or any parameter without a gradient this
     step) are skipped entirely: no decay, no moment update, their step count does not advance; moments are
     created on a parameter's first gradient, so a never-trained parameter has no state (as in torch).
+
+    threads > 1 (NumPy): the per-parameter updates are spread over that many threads (minidit.threads); each
+    parameter's update is the same whatever the count.
     """
 
-    def __init__(self, params: dict, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: dict, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, threads=1):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -93,6 +110,7 @@ class AdamW:
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
+        self.threads = int(threads)
         self._like = dict(params)  # name -> array (references, for shape / dtype / module only)
         self.step_count = 0  # number of step() calls
         self.m: dict = {}  # name -> first moment, same shape/dtype/module as the parameter
@@ -106,6 +124,7 @@ class AdamW:
             raise ValueError(f"gradients for unknown parameters {unknown}")
         self.step_count += 1
         b1, b2, lr = self.beta1, self.beta2, self.lr
+        updates = []  # the arguments of each parameter's adamw_update
         for name, p in params.items():
             g = grads.get(name)
             if g is None:
@@ -118,8 +137,9 @@ class AdamW:
                 self.v[name] = xp.zeros_like(p)
                 self.t[name] = 0
             self.t[name] = t = self.t[name] + 1
-            adamw_update(p, g, self.m[name], self.v[name], 1.0 - lr * self.weight_decay, lr / (1.0 - b1**t),
-                         math.sqrt(1.0 - b2**t), b1, b2, self.eps)
+            updates.append((p, g, self.m[name], self.v[name], 1.0 - lr * self.weight_decay, lr / (1.0 - b1**t),
+                            math.sqrt(1.0 - b2**t), b1, b2, self.eps))
+        run_updates(adamw_update, updates, self.threads)
 
     def state_dict(self) -> dict:
         """Flat state: "step", hyper-parameters, and "m.<name>", "v.<name>" arrays, "t.<name>" ints.
@@ -192,11 +212,12 @@ class EMA:
     tf.train.ExponentialMovingAverage with num_updates).
     """
 
-    def __init__(self, params: dict, decay=0.9999, warmup=False):
+    def __init__(self, params: dict, decay=0.9999, warmup=False, threads=1):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"invalid EMA decay {decay}: must be in [0, 1]")
         self.decay = float(decay)
         self.warmup = bool(warmup)
+        self.threads = int(threads)  # > 1: spread the updates over threads, as AdamW does
         self.num_updates = 0
         self.params = {name: p.copy() for name, p in params.items()}
 
@@ -211,10 +232,8 @@ class EMA:
         """ema = d * ema + (1 - d) * p, in place on ``self.params`` (every name must be present)."""
         _check_keys(params, set(self.params), "EMA update: params do not match the averaged copy")
         d = self.current_decay()
-        for name, e in self.params.items():
-            if d == 1.0:  # frozen: skip, since (ema - p) + p need not round back to ema exactly
-                break
-            ema_update(e, params[name], d)
+        if d != 1.0:  # d = 1 (frozen): skip, since (ema - p) + p need not round back to ema exactly
+            run_updates(ema_update, [(e, params[name], d) for name, e in self.params.items()], self.threads)
         self.num_updates += 1
 
     def state_dict(self) -> dict:

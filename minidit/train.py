@@ -33,6 +33,7 @@ from .diffusion import Diffusion
 from .model import BLOCK_TYPES, DiT, get_config
 from .optim import EMA, AdamW
 from .sample import generate
+from .threads import ShardedDiT, cpu_count
 
 
 def parse_args(argv=None):
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                     help="learn the variance (output 2C channels, loss MSE + VLB)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="numpy backend: CPU threads, each running one shard of the batch (minidit.threads); default: "
+                         "every core. Results are reproducible for a given count (it changes float summation order)")
     ap.add_argument("--out", default="runs/default", help="run directory: checkpoint, log, metrics, samples")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=500)
@@ -87,7 +91,7 @@ def parse_args(argv=None):
 
 # options that may change when a run is resumed; every other option is taken from the checkpoint
 RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
-                    "backend", "final_samples")
+                    "backend", "final_samples", "threads")
 
 
 class Run:
@@ -107,8 +111,11 @@ class Run:
         self.diffusion = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
-        self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay)
-        self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup)
+        # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
+        self.threads = (cpu_count() if args.threads is None else args.threads) if self.xp is np else 1
+        self.net = ShardedDiT(self.model, self.threads) if self.xp is np else self.model
+        self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
+        self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
         self.step = 0
         if args.epochs is not None:
             self.total_steps = args.epochs * self.data.steps_per_epoch(args.batch_size)
@@ -125,9 +132,9 @@ class Run:
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
         x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
         x_t = self.diffusion.q_sample(x0, t, noise)
-        out, cache = self.model.forward(x_t, t, y, train=True, rng=rng)
+        out, cache = self.net.forward(x_t, t, y, train=True, rng=rng)
         loss, _, dout = self.diffusion.training_loss(out, x0, t, noise)
-        grads = self.model.backward(dout, cache)
+        grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
         self.opt.step(self.model.params, grads)
         self.ema.update(self.model.params)
         return loss
@@ -165,6 +172,7 @@ def resolve_resume(args, explicit):
     saved = dict(meta["args"])
     saved.setdefault("block", "adaln-zero")  # written before --block existed
     saved.setdefault("final_samples", True)
+    saved.setdefault("threads", None)
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -207,7 +215,8 @@ def train(args, explicit=frozenset()):
 
     m = run.model
     log(f"DiT {m.variant}: {m.num_params():,} parameters ({m.num_params(trainable_only=True):,} trainable), "
-        f"{m.gmacs():.3f} GMACs/image; data {run.data}; backend {args.backend}")
+        f"{m.gmacs():.3f} GMACs/image; data {run.data}; backend {args.backend}"
+        + (f" ({run.threads} threads)" if run.xp is np else ""))
     if resume_path:
         log(f"resumed from {resume_path} at step {run.step}")
 
