@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .backend import keep_freed_host_memory
+
 
 def cpu_count():
     """The number of CPU cores this process may run on."""
@@ -33,6 +35,7 @@ def cpu_count():
 
 @functools.lru_cache(maxsize=None)
 def _executor(threads):
+    keep_freed_host_memory()  # before the threads exist, so that they reuse freed memory too (see there)
     return ThreadPoolExecutor(threads, thread_name_prefix="minidit")
 
 

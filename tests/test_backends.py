@@ -58,7 +58,8 @@ def make_model(backend, seed=0, dtype=np.float32, **kw):
 
 def make_run(backend, latents, out, seed=0):
     args, _ = train_mod.parse_args(["--backend", backend, "--variant", TINY, "--data", latents, "--batch-size", str(N),
-                                    "--lr", str(LR), "--weight-decay", "0.01", "--out", str(out)])
+                                    "--lr", str(LR), "--weight-decay", "0.01", "--out", str(out),
+                                    "--threads", "1"])  # numpy unsharded: the strict backend then matches it exactly
     run = train_mod.Run(args)
     run.model.load_state_dict(random_state(run.model, seed))  # in place: AdamW keeps tracking the same arrays
     return run
