@@ -209,21 +209,26 @@ def _proc_status_bytes(key):
     raise KeyError(key)
 
 
-def rss_growth_first_step(side):
-    """Resident-set high-water growth over one step: reset VmHWM to the current RSS (Linux clear_refs 5), step,
-    read VmHWM. Bytes, or None where /proc does not allow it."""
+RSS_STEPS = 3  # steps of the resident-set measurement: the first creates AdamW's state, the later ones hold it
+
+
+def rss_growth_over_steps(side, steps=RSS_STEPS):
+    """Resident-set high-water growth over `steps` steps: reset VmHWM to the current RSS (Linux clear_refs 5), step,
+    read VmHWM. Counts what a step needs on top of the parameters (AdamW's m and v from step 2 on: a later step
+    holds them while its activations are alive). Bytes, or None where /proc does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         rss0 = _proc_status_bytes("VmRSS")
     except OSError:
         return None
-    side.step()
+    for _ in range(steps):
+        side.step()
     return _proc_status_bytes("VmHWM") - rss0
 
 
 def rss_growth_in_fresh_process(side_name, spec, threads):
-    """Run rss_growth_first_step for one side in a new Python process, so neither side inherits the other's heap."""
+    """Run rss_growth_over_steps for one side in a new Python process, so neither side inherits the other's heap."""
     cmd = [sys.executable, "-m", "minidit.bench", "--memory-child", side_name, "--threads", str(threads),
            "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
            str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])]
@@ -241,7 +246,7 @@ def memory_child(side_name, spec, threads):
         import torch
         torch.set_num_threads(threads)
         side = TorchSide(side.model, batch, "cpu")
-    print(json.dumps({"rss_growth": rss_growth_first_step(side)}))
+    print(json.dumps({"rss_growth": rss_growth_over_steps(side)}))
 
 
 def traced_step_peak(side):
@@ -387,8 +392,8 @@ def report_memory(mini, tside, spec, args):
         names = ["minidit"] + (["torch"] if tside else [])
         for name in names:
             mem[f"{name}_rss_growth"] = rss_growth_in_fresh_process(name, spec, args.threads)
-        print("memory, resident-set growth over the first step in a fresh process (VmHWM after minus RSS before; "
-              "includes creating AdamW's m and v): "
+        print(f"memory, resident-set growth over the first {RSS_STEPS} steps in a fresh process (VmHWM after minus RSS "
+              "before; includes AdamW's m and v, which the later steps hold next to their activations): "
               + "; ".join(f"{name} " + (f"{mem[f'{name}_rss_growth'] / MiB:.1f} MiB"
                                         if mem[f"{name}_rss_growth"] is not None else "n/a") for name in names))
     else:
