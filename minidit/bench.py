@@ -436,7 +436,8 @@ def bench_sampling(spec, args):
     print(f"model built in {time.perf_counter() - t0:.0f} s; peak resident memory {peak_gib():.2f} GiB")
     labels = rng.integers(0, spec["num_classes"], spec["batch_size"])
     t0 = time.perf_counter()
-    z = generate(model, labels, cfg_scale=4.0, num_sampling_steps=args.sample_steps, progress=False)
+    z = generate(model, labels, cfg_scale=4.0, num_sampling_steps=args.sample_steps, progress=False,
+                 threads=args.threads)
     per_step = (time.perf_counter() - t0) / args.sample_steps
     print(f"{args.sample_steps} guided DDPM steps: {per_step:.1f} s per step (250 steps: about "
           f"{250 * per_step / 60:.0f} min); peak resident memory {peak_gib():.2f} GiB")
@@ -469,7 +470,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the runs")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (pairs with --compare-torch)")
-    ap.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP threads for both sides")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of both sides: minidit (numpy) runs that many batch shards at once, one "
+                         "thread each with a single-threaded BLAS; torch uses them inside each op (BLAS / OpenMP)")
     ap.add_argument("--compare-torch", action="store_true", help="also time the same step in PyTorch eager")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")

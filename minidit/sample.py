@@ -12,10 +12,11 @@ import numpy as np
 
 from .backend import BACKENDS, make_rng, to_device, to_numpy
 from .diffusion import Diffusion, cfg_model_fn
+from .threads import ShardedDiT
 
 
 def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
-             guide_channels=None, clip_denoised=False, progress=True):
+             guide_channels=None, clip_denoised=False, progress=True, threads=None):
     """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
 
     The starting noise is drawn on the host from `seed`, so a seed gives the same images on every backend
@@ -23,6 +24,7 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     guide_channels: how many leading output channels guidance mixes (None = all C noise channels;
     3 reproduces the official checkpoints' sample.py). clip_denoised clamps each step's predicted x0 to [-1, 1]:
     right for pixel data (ADM does it), off for latents (DiT's scripts sample latents unclipped).
+    threads: a NumPy model runs the batch in shards on this many CPU threads (minidit.threads; None: every core).
     """
     xp = model.xp
     labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
@@ -35,8 +37,10 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
     y = to_device(labels, xp)
 
+    net = ShardedDiT(model, threads) if xp is np else model
+
     def forward(x, t, y):
-        return model.forward(x, t, y, cache=False)[0]
+        return net.forward(x, t, y, cache=False)[0]
 
     if cfg_scale != 1.0:
         if model.class_dropout_prob <= 0:
@@ -89,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--clip-denoised", action="store_true",
                     help="clamp the predicted x0 to [-1, 1] at every step (for pixel data; off for latents, as DiT)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="numpy backend: CPU threads, each running one shard of the batch (default: every core)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
                     help="numpy (CPU), cupy (CUDA), or strict (a CPU emulation of a device, for testing)")
@@ -105,7 +111,7 @@ def main(argv=None):
             labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
         images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
                           sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels,
-                          clip_denoised=args.clip_denoised)
+                          clip_denoised=args.clip_denoised, threads=args.threads)
         if args.vae:
             images = decode_latents(images, args.vae, backend=args.backend)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

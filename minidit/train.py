@@ -191,7 +191,8 @@ def write_grid(run, path, progress=False):
     per_class = max(1, min(10, 100 // n))
     labels = [c for c in range(n) for _ in range(per_class)]
     images = generate(model, labels, cfg_scale=run.args.cfg_scale, num_sampling_steps=run.args.sample_steps,
-                      seed=run.args.seed, clip_denoised=run.data.kind != "latents", progress=progress)
+                      seed=run.args.seed, clip_denoised=run.data.kind != "latents", progress=progress,
+                      threads=run.threads)
     save_grid(images, path, nrow=per_class)
 
 
