@@ -470,8 +470,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the runs")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (pairs with --compare-torch)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads of both sides: minidit (numpy) runs that many batch shards at once, one "
-                         "thread each with a single-threaded BLAS; torch uses them inside each op (BLAS / OpenMP)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads of both sides: minidit (numpy) runs that many batch shards at once, one thread "
+                         "each with a single-threaded BLAS; torch uses them inside each op (BLAS / OpenMP)")
     ap.add_argument("--compare-torch", action="store_true", help="also time the same step in PyTorch eager")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")

@@ -169,7 +169,7 @@ GELU_A = 0.044715
 
 
 class GELUCache(NamedTuple):
-    x: Array  # the input. tanh(u) is recomputed by the backward: one more pass there, 4 fewer floats per hidden unit kept
+    x: Array  # the input alone: the backward recomputes tanh(u) (one more pass there, one array fewer kept per MLP)
 
 
 def _gelu_tanh(x):
