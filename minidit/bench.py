@@ -38,7 +38,7 @@ from .backend import get_backend, set_fused_kernels, to_device
 from .diffusion import Diffusion
 from .model import DiT, forward_macs, get_config
 from .optim import EMA, AdamW
-from .threads import ShardedDiT
+from .threads import data_parallel
 
 PRESETS = {  # the configurations of the speed issue
     "small": dict(variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32),
@@ -141,8 +141,7 @@ class MiniditSide:
         self.xp = xp = get_backend(backend)
         self.model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
                          num_classes=spec["num_classes"], seed=0, backend=backend)
-        threads = threads if xp is np else 1  # NumPy: one batch shard per thread, as python -m minidit.train
-        self.net = ShardedDiT(self.model, threads) if xp is np else self.model
+        self.net, threads = data_parallel(self.model, threads)  # NumPy: one batch shard per thread, as minidit.train
         self.diffusion = Diffusion("")
         self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
         self.ema = EMA(self.model.params, decay=0.9999, threads=threads)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .backend import BACKENDS, make_rng, to_device, to_numpy
 from .diffusion import Diffusion, cfg_model_fn
-from .threads import ShardedDiT
+from .threads import data_parallel
 
 
 def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
@@ -37,7 +37,7 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
     y = to_device(labels, xp)
 
-    net = ShardedDiT(model, threads) if xp is np else model
+    net, _ = data_parallel(model, threads)
 
     def forward(x, t, y):
         return net.forward(x, t, y, cache=False)[0]

@@ -134,9 +134,18 @@ class ShardedDiT:
             total, names = grads[0], list(grads[0])
 
             def add(group):
-                for name in group:
+                for i in group:
                     for g in grads[1:]:
-                        total[name] += g[name]
+                        total[names[i]] += g[names[i]]
 
-            parallel_map(add, [names[i::self.threads] for i in range(self.threads)], self.threads)
+            parallel_map(add, balanced_groups([total[n].size for n in names], self.threads), self.threads)
         return total
+
+
+def data_parallel(model, threads=None):
+    """(net, threads) to train or sample `model` with: for a NumPy model a ShardedDiT on `threads` CPU threads (None:
+    every core), for a device model the model itself and 1 (a GPU runs each operation on all its cores already)."""
+    if model.xp is not np:
+        return model, 1
+    net = ShardedDiT(model, threads)
+    return net, net.threads

@@ -33,7 +33,7 @@ from .diffusion import Diffusion
 from .model import BLOCK_TYPES, DiT, get_config
 from .optim import EMA, AdamW
 from .sample import generate
-from .threads import ShardedDiT, cpu_count
+from .threads import data_parallel
 
 
 def parse_args(argv=None):
@@ -112,8 +112,7 @@ class Run:
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
-        self.threads = (cpu_count() if args.threads is None else args.threads) if self.xp is np else 1
-        self.net = ShardedDiT(self.model, self.threads) if self.xp is np else self.model
+        self.net, self.threads = data_parallel(self.model, args.threads)
         self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
         self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
         self.step = 0

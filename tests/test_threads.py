@@ -5,7 +5,7 @@ import pytest
 
 from minidit.model import DiT, DiTConfig
 from minidit.optim import EMA, AdamW
-from minidit.threads import ShardedDiT, balanced_groups, batch_shards, parallel_map
+from minidit.threads import ShardedDiT, balanced_groups, batch_shards, cpu_count, data_parallel, parallel_map
 
 TINY = DiTConfig(depth=2, hidden_size=16, num_heads=2, patch_size=2)
 C, S, K = 3, 8, 5
@@ -108,6 +108,15 @@ def test_float32_threads_match_one_thread_closely():
     for name in ref:
         assert grads[name].dtype == np.float32, name
         np.testing.assert_allclose(grads[name], ref[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_data_parallel_shards_numpy_models_only():
+    model = make_model()
+    net, threads = data_parallel(model, 3)
+    assert isinstance(net, ShardedDiT) and net.model is model and threads == 3
+    assert data_parallel(model)[1] == cpu_count()  # None: every core
+    strict = DiT(TINY, input_size=S, in_channels=C, num_classes=K, backend="strict")
+    assert data_parallel(strict, 4) == (strict, 1)  # a device model runs as it is
 
 
 @pytest.mark.parametrize("n, k", [(7, 2), (7, 3), (3, 5), (1, 1), (8, 8)])
