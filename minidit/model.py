@@ -311,6 +311,8 @@ class DiT:
         model = DiT("S/2", input_size=32, in_channels=4, num_classes=1000, seed=0)
         out, cache = model.forward(x, t, y, train=False)   # (N, C, H, W), (N,), (N,) -> (N, 2C, H, W)
         grads = model.backward(dout, cache)                # name -> gradient, every trainable parameter
+
+    On a multi-core CPU, minidit.threads.ShardedDiT runs the same two calls on shards of the batch at once.
     """
 
     def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
