@@ -106,6 +106,7 @@ class ShardedDiT:
             raise ValueError(f"threads must be >= 1, got {threads}")
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
+        """As DiT.forward: (out (N, C_out, H, W), cache), the cache holding each shard's (None when cache=False)."""
         m = self.model
         m.check_inputs(x, t, y)  # on the whole batch, so that errors name its shapes
         if force_drop_ids is None and train:
