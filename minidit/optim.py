@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from .backend import fused, get_xp, to_backend
-from .threads import balanced_groups, parallel_map
+from .threads import map_balanced
 
 
 def _to_like(value, like):
@@ -43,12 +43,9 @@ def _check_keys(d, expected: set, what: str):
 def run_updates(update, args, threads):
     """update(*a) for every a in args; with threads > 1 on NumPy arrays, spread over that many threads in groups
     of about equal size (NumPy releases the GIL in its loops, so the groups run at once)."""
-    if threads <= 1 or not args or get_xp(args[0][0]) is not np:
-        for a in args:
-            update(*a)
-        return
-    groups = balanced_groups([a[0].size for a in args], threads)
-    parallel_map(lambda group: [update(*args[i]) for i in group], groups, threads)
+    if args and get_xp(args[0][0]) is not np:
+        threads = 1  # a device: one stream of kernels
+    map_balanced(lambda a: update(*a), args, [a[0].size for a in args], threads)
 
 
 @fused

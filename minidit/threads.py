@@ -59,6 +59,17 @@ def balanced_groups(sizes, n):
     return [g for g in groups if g]
 
 
+def map_balanced(fn, items, sizes, threads):
+    """fn(item) for every item, the items split into `threads` groups of about equal total size (sizes[i] is item
+    i's), one group per thread: e.g. per-parameter work, so that each thread gets about the same number of elements."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    parallel_map(lambda group: [fn(items[i]) for i in group], balanced_groups(sizes, threads), threads)
+
+
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
     from threadpoolctl import ThreadpoolController
@@ -112,10 +123,10 @@ class ShardedDiT:
         if force_drop_ids is None and train:
             force_drop_ids = m.label_dropout(x.shape[0], rng)
         shards = batch_shards(x.shape[0], self.threads)
+        drop = None if force_drop_ids is None else np.asarray(force_drop_ids)
 
         def run(s):
-            drop = None if force_drop_ids is None else np.asarray(force_drop_ids)[s]
-            return m.forward(x[s], t[s], y[s], force_drop_ids=drop, cache=cache)
+            return m.forward(x[s], t[s], y[s], force_drop_ids=None if drop is None else drop[s], cache=cache)
 
         with single_threaded_blas():
             results = parallel_map(run, shards, self.threads)
@@ -132,14 +143,13 @@ class ShardedDiT:
 
         with single_threaded_blas():
             grads = parallel_map(run, range(len(shards)), self.threads)
-            total, names = grads[0], list(grads[0])
+            total = grads[0]
 
-            def add(group):
-                for i in group:
-                    for g in grads[1:]:
-                        total[names[i]] += g[names[i]]
+            def add(name):
+                for g in grads[1:]:
+                    total[name] += g[name]
 
-            parallel_map(add, balanced_groups([total[n].size for n in names], self.threads), self.threads)
+            map_balanced(add, list(total), [g.size for g in total.values()], self.threads)
         return total
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from minidit.model import DiT, DiTConfig
 from minidit.optim import EMA, AdamW
-from minidit.threads import ShardedDiT, balanced_groups, batch_shards, cpu_count, data_parallel, parallel_map
+from minidit.threads import (ShardedDiT, balanced_groups, batch_shards, cpu_count, data_parallel, map_balanced,
+                             parallel_map)
 
 TINY = DiTConfig(depth=2, hidden_size=16, num_heads=2, patch_size=2)
 C, S, K = 3, 8, 5
@@ -134,6 +135,13 @@ def test_balanced_groups():
     totals = [sum(sizes[i] for i in g) for g in groups]
     assert max(totals) - min(totals) <= max(sizes)
     assert balanced_groups([5], 4) == [[0]]  # no empty groups
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_map_balanced_calls_every_item_once(threads):
+    seen = []  # list.append is atomic under the GIL
+    map_balanced(seen.append, ["a", "b", "c", "d", "e"], [5, 1, 4, 2, 3], threads)
+    assert sorted(seen) == ["a", "b", "c", "d", "e"]
 
 
 def test_parallel_map_keeps_order_and_raises():
