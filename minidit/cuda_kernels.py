@@ -1,9 +1,10 @@
 """Fused CUDA kernels for the CuPy backend: one pass over memory where the array code makes several.
 
-Each function here has a readable array-code twin of the same name and signature (in minidit.layers or
-minidit.optim), decorated with ``backend.fused``: NumPy and the strict test backend always run that reference;
-CuPy runs the kernel below unless fused kernels are switched off (``MINIDIT_FUSED_KERNELS=0`` in the environment,
-or ``backend.set_fused_kernels(False)``). tests/test_cuda_kernels.py checks every kernel against its reference
+Each function here is registered with ``@kernel_for(reference)`` as the kernel of a readable array-code twin of the
+same name and signature (in minidit.layers or minidit.optim), marked ``xp.fused``: NumPy and the strict test backend
+always run that reference; CuPy runs the kernel below unless fused kernels are switched off
+(``MINIDIT_FUSED_KERNELS=0`` in the environment, or ``xp.set_fused_kernels(False)``). Importing this module registers
+them (``backend.get_backend("cupy")`` does). Kernels return arrays and read caches; the caches are built in layers. tests/test_cuda_kernels.py checks every kernel against its reference
 on a GPU, in float32 and float64. The formulas are written next to the references; here only how.
 
 Why they pay: on a GPU the composed array code is bound by memory traffic, not arithmetic. The tanh-GELU
@@ -20,11 +21,27 @@ Three kinds:
 from __future__ import annotations
 
 import functools
+import inspect
 
 import cupy as cp
 import numpy as np
 
-from .layers import GELU_A, GELU_C, GateCache, GELUCache, LayerNormCache, ModulateCache
+from . import layers, optim
+from .layers import GELU_A, GELU_C
+from .xp import KERNELS
+
+
+def kernel_for(reference):
+    """Register the decorated function as the CuPy kernel of `reference` (a @fused function): same name and the
+    same signature, checked here, so a kernel cannot drift from the code it replaces."""
+    def register(kernel):
+        want, got = inspect.signature(reference.reference), inspect.signature(kernel)
+        if kernel.__name__ != reference.__name__ or want != got:
+            raise TypeError(f"kernel {kernel.__name__}{got} does not match its reference {reference.__name__}{want}")
+        KERNELS[reference.__name__] = kernel
+        return kernel
+
+    return register
 
 # ----------------------------------------------------------------------------------------------
 # elementwise kernels
@@ -60,32 +77,39 @@ _adamw = cp.ElementwiseKernel(
 _ema = cp.ElementwiseKernel("T p, T d", "T e", "e = d * (e - p) + p", "minidit_ema")
 
 
-def gelu_forward(x):
-    return _gelu_fwd(x), GELUCache(x)
+@kernel_for(layers.gelu)
+def gelu(x):
+    return _gelu_fwd(x)
 
 
+@kernel_for(layers.gelu_backward)
 def gelu_backward(dy, cache):
     return _gelu_bwd(dy, cache.x)
 
 
-def modulate_forward(x, shift, scale):
-    return _modulate(x, shift[:, None, :], scale[:, None, :]), ModulateCache(x, scale)
+@kernel_for(layers.modulate)
+def modulate(x, shift, scale):
+    return _modulate(x, shift[:, None, :], scale[:, None, :])
 
 
-def gated_residual_forward(x, gate, y):
-    return _gated_residual(x, gate[:, None, :], y), GateCache(gate, y)
+@kernel_for(layers.gated_residual)
+def gated_residual(x, gate, y):
+    return _gated_residual(x, gate[:, None, :], y)
 
 
+@kernel_for(layers.sum_rows)
 def sum_rows(x):
     ones = cp.ones((*x.shape[:-2], 1, x.shape[-2]), dtype=x.dtype)  # (..., 1, M)
     return (ones @ x)[..., 0, :]
 
 
+@kernel_for(optim.adamw_update)
 def adamw_update(p, g, m, v, keep, step_size, bc2_sqrt, b1, b2, eps):
     dt = p.dtype.type
     _adamw(g, dt(keep), dt(b1), dt(b2), dt(bc2_sqrt), dt(eps), dt(step_size), p, m, v)
 
 
+@kernel_for(optim.ema_update)
 def ema_update(e, p, d):
     _ema(p, p.dtype.type(d), e)
 
@@ -175,14 +199,16 @@ def _launch(name, x, *args):
     kernel(grid, (32 * _WARPS_PER_BLOCK,), (*args, np.int64(rows), np.int32(n)))
 
 
-def layernorm_forward(x, eps=1e-6):
+@kernel_for(layers.layernorm)
+def layernorm(x, eps):
     x = cp.ascontiguousarray(x)
     xhat = cp.empty_like(x)
     rstd = cp.empty((*x.shape[:-1], 1), dtype=x.dtype)
     _launch("layernorm_fwd", x, x, xhat, rstd, x.dtype.type(eps))
-    return xhat, LayerNormCache(xhat, rstd)
+    return xhat, rstd
 
 
+@kernel_for(layers.layernorm_backward)
 def layernorm_backward(dxhat, cache):
     dxhat = cp.ascontiguousarray(dxhat)
     dx = cp.empty_like(dxhat)
@@ -190,13 +216,15 @@ def layernorm_backward(dxhat, cache):
     return dx
 
 
-def softmax_forward(s):
+@kernel_for(layers.softmax)
+def softmax(s):
     s = cp.ascontiguousarray(s)
     a = cp.empty_like(s)
     _launch("softmax_fwd", s, s, a)
-    return a, a
+    return a
 
 
+@kernel_for(layers.softmax_backward)
 def softmax_backward(da, a):
     da = cp.ascontiguousarray(da)
     ds = cp.empty_like(da)

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from .backend import get_xp
+from .xp import get_xp
 
 LN2 = math.log(2.0)
 BIN = 1.0 / 255.0  # half-width of a pixel bin for data in [-1, 1]
@@ -172,6 +172,12 @@ def _mean_flat(a):
     return a.mean(axis=tuple(range(1, a.ndim)))
 
 
+def _nonzero(t, x):
+    """[t != 0] as x's dtype, shaped (N, 1, 1, ...) against x: the last step adds no noise."""
+    xp = get_xp(x)
+    return (xp.asarray(t) != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -181,7 +187,17 @@ class Diffusion:
     Matches ``create_diffusion(timestep_respacing, noise_schedule, learn_sigma, diffusion_steps)`` of the official
     repo with its defaults (use_kl=False, sigma_small=False, predict_xstart=False, rescale_learned_sigmas=False).
     learn_sigma=False uses the fixed "large" variance beta_t (beta at t = 0 replaced by bt_1) and the MSE loss only.
+
+    As an objective (what train.py, sample.py and bench.py rely on; rectified flow has the same methods):
+        t = diffusion.sample_t(n, rng)                             training times, here uniform integers
+        x_t = diffusion.q_sample(x_start, t, noise)
+        loss, terms, dout = diffusion.training_loss(model_output, x_start, t, noise)
+        x0 = diffusion.for_sampling(250).sample(model_fn, noise, rng, sampler="ddpm")
+        diffusion.spec()                                           what a checkpoint stores to rebuild it
     """
+
+    kind = "ddpm"
+    SAMPLERS = ("ddpm", "ddim")
 
     def __init__(self, timestep_respacing="", learn_sigma=True, noise_schedule="linear", diffusion_steps=1000):
         self.learn_sigma = learn_sigma
@@ -207,7 +223,22 @@ class Diffusion:
                 last = ab
                 timestep_map.append(s)
         self.timestep_map = np.array(timestep_map, dtype=np.int64)  # (T',) original step of each index
+        self._device_tables = {}  # (id of a host table, backend) -> (table, its device copy): see _table_on
         self._set_tables(np.array(betas, dtype=np.float64))
+
+    def spec(self):
+        """The constructor arguments of the full (un-respaced) process, JSON-able, with "kind"."""
+        return {"kind": self.kind, "learn_sigma": self.learn_sigma, "noise_schedule": self.noise_schedule,
+                "diffusion_steps": self.original_num_steps}
+
+    def for_sampling(self, num_sampling_steps):
+        """The same process respaced to `num_sampling_steps` steps (the official create_diffusion(str(steps)))."""
+        return Diffusion(str(num_sampling_steps), learn_sigma=self.learn_sigma, noise_schedule=self.noise_schedule,
+                         diffusion_steps=self.original_num_steps)
+
+    def sample_t(self, n, rng):
+        """n training timesteps, uniform over 0 .. num_timesteps-1 (official: torch.randint), from a numpy Generator."""
+        return rng.integers(0, self.num_timesteps, size=n)
 
     def _set_tables(self, betas):
         """All per-step float64 tables (DDPM / IDDPM notation in comments)."""
@@ -218,13 +249,11 @@ class Diffusion:
         ab = np.cumprod(alphas)  # ab_t
         self.alphas_cumprod = ab
         self.alphas_cumprod_prev = np.append(1.0, ab[:-1])  # ab_{t-1}, with ab_{-1} = 1
-        self.alphas_cumprod_next = np.append(ab[1:], 0.0)  # ab_{t+1}, with ab_T = 0
         assert self.alphas_cumprod_prev.shape == (T,)
 
         # q(x_t | x_0)
         self.sqrt_alphas_cumprod = np.sqrt(ab)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ab)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - ab)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ab)  # x0 = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ab - 1.0)
 
@@ -254,10 +283,10 @@ class Diffusion:
         (on CuPy, one that waits for the device) a dozen times per training step."""
         if xp is np:
             return table
-        cache = self.__dict__.setdefault("_device_tables", {})
-        hit = cache.get((id(table), xp.__name__))
+        key = (id(table), xp.__name__)
+        hit = self._device_tables.get(key)
         if hit is None or hit[0] is not table:  # keyed by identity; the host table is kept so its id stays unique
-            hit = cache[(id(table), xp.__name__)] = (table, xp.asarray(table))
+            hit = self._device_tables[key] = (table, xp.asarray(table))
         return hit[1]
 
     def _split_output(self, model_output, x):
@@ -405,8 +434,7 @@ class Diffusion:
         xp = get_xp(x)
         out = self.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
         z = rng.standard_normal(x.shape, dtype=x.dtype)
-        nonzero = (xp.asarray(t) != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-        return out["mean"] + nonzero * xp.exp(0.5 * out["log_variance"]) * z
+        return out["mean"] + _nonzero(t, x) * xp.exp(0.5 * out["log_variance"]) * z
 
     def p_sample_loop(self, model_fn, noise, rng, clip_denoised=False, progress=False):
         """Ancestral sampling from x_T = noise down to x_0; model_fn(x_t, t_model) -> network output."""
@@ -431,8 +459,7 @@ class Diffusion:
         sigma = eta * xp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * xp.sqrt(1.0 - ab / ab_prev)
         z = rng.standard_normal(x.shape, dtype=x.dtype)
         mean = out["pred_xstart"] * xp.sqrt(ab_prev) + xp.sqrt(1.0 - ab_prev - sigma ** 2) * eps
-        nonzero = (xp.asarray(t) != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-        return mean + nonzero * sigma * z
+        return mean + _nonzero(t, x) * sigma * z
 
     def ddim_sample_loop(self, model_fn, noise, rng, eta=0.0, clip_denoised=False, progress=False):
         """DDIM sampling from x_T = noise down to x_0 (eta = 0: deterministic); model_fn(x_t, t_model)."""
@@ -442,6 +469,14 @@ class Diffusion:
             t, t_model = self._model_timesteps(i, x)
             x = self.ddim_sample(model_fn(x, t_model), x, t, rng, eta=eta, clip_denoised=clip_denoised)
         return x
+
+    def sample(self, model_fn, noise, rng, sampler="ddpm", eta=0.0, clip_denoised=False, progress=False):
+        """x_0 from x_T = noise with one of SAMPLERS (the loops above); model_fn(x_t, t_model) -> network output."""
+        if sampler == "ddpm":
+            return self.p_sample_loop(model_fn, noise, rng, clip_denoised=clip_denoised, progress=progress)
+        if sampler == "ddim":
+            return self.ddim_sample_loop(model_fn, noise, rng, eta=eta, clip_denoised=clip_denoised, progress=progress)
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(self.SAMPLERS)}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every DiT operation as a pair of pure functions (the CS231n contract):
+"""Every operation of a diffusion transformer as a pair of pure functions (the CS231n contract):
 
     out, cache = op_forward(inputs...)       cache: a small NamedTuple of what backward needs
     grads...   = op_backward(dout, cache)    gradients of the loss w.r.t. each input, in input order
@@ -7,8 +7,15 @@ No state lives anywhere else, so two forwards followed by two backwards are fine
 its array module from its inputs (`get_xp`), so the same code runs on NumPy and CuPy, and every
 backward is checked against central differences in float64 in tests/test_layers.py.
 
-Functions marked @fused also have a fused CUDA kernel (minidit.cuda_kernels) that CuPy runs instead, one pass
-over memory in place of several; the code here is the reference, which NumPy runs and the kernels are tested against.
+These are the pieces models compose: the ops (linear, LayerNorm, softmax, ...), the sublayers built from them
+(attention in three steps: qkv_forward -> attend_forward -> linear_forward, the MLP, adaLN modulation, the gated
+residual), and DiT's embedders and final layer. A model never copies them: MM-DiT runs qkv_forward on each of its
+streams and one attend_forward over both; a video DiT reshapes its tokens and calls attention_forward; a dynamic-width
+DiT passes sliced weights.
+
+Functions marked @fused return arrays only and also have a fused CUDA kernel (minidit.cuda_kernels) that CuPy runs
+instead, one pass over memory in place of several; the code here is the reference, which NumPy runs and the kernels
+are tested against. The caches are built here, never by a kernel.
 
 Shapes: N batch, T tokens, D hidden size, NH heads, hs = D / NH head size, p patch size, C channels.
 """
@@ -20,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import fused, get_xp, to_device
+from .xp import fused, get_xp, to_device
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -73,13 +80,18 @@ class LayerNormCache(NamedTuple):
 
 
 @fused
-def layernorm_forward(x, eps=1e-6):
-    """x (..., D) -> xhat (..., D); biased variance, eps = 1e-6 as in DiT."""
+def layernorm(x, eps):
+    """x (..., D) -> xhat (..., D), rstd (..., 1); biased variance."""
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
     var = (xc * xc).mean(axis=-1, keepdims=True)
     rstd = 1.0 / (var + eps) ** 0.5
-    xhat = xc * rstd
+    return xc * rstd, rstd
+
+
+def layernorm_forward(x, eps=1e-6):
+    """x (..., D) -> xhat (..., D); eps = 1e-6 as in DiT."""
+    xhat, rstd = layernorm(x, eps)
     return xhat, LayerNormCache(xhat, rstd)
 
 
@@ -97,7 +109,9 @@ def layernorm_backward(dxhat, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# adaLN modulate: out = x * (1 + scale) + shift, with shift, scale (N, D) broadcast over the T tokens
+# adaLN: out = LN(x) * (1 + scale) + shift, with shift, scale (N, D) regressed from the condition and broadcast
+# over the T tokens. The regression itself is a Linear on silu(c) whose output is cut into chunks (shift, scale,
+# gate, ...), each (N, D).
 # ----------------------------------------------------------------------------------------------
 class ModulateCache(NamedTuple):
     x: Array  # (N, T, D)
@@ -105,11 +119,15 @@ class ModulateCache(NamedTuple):
 
 
 @fused
-def modulate_forward(x, shift, scale):
-    """x (N, T, D), shift (N, D), scale (N, D) -> (N, T, D)."""
+def modulate(x, shift, scale):
+    """x (N, T, D), shift (N, D), scale (N, D) -> x * (1 + scale) + shift, (N, T, D)."""
     out = x * (1 + scale[:, None, :])
     out += shift[:, None, :]
-    return out, ModulateCache(x, scale)
+    return out
+
+
+def modulate_forward(x, shift, scale):
+    return modulate(x, shift, scale), ModulateCache(x, scale)
 
 
 def modulate_backward(dout, cache):
@@ -121,6 +139,30 @@ def modulate_backward(dout, cache):
     return dx, dshift, dscale
 
 
+class AdaLNCache(NamedTuple):
+    norm: LayerNormCache
+    modulate: ModulateCache
+
+
+def adaln_forward(x, shift, scale):
+    """modulate(LN(x), shift, scale): DiT's `modulate(self.norm1(x), shift_msa, scale_msa)`. (N, T, D) -> (N, T, D)."""
+    h, norm_cache = layernorm_forward(x)
+    h, modulate_cache = modulate_forward(h, shift, scale)
+    return h, AdaLNCache(norm_cache, modulate_cache)
+
+
+def adaln_backward(dout, cache):
+    """Returns dx, dshift, dscale."""
+    dh, dshift, dscale = modulate_backward(dout, cache.modulate)
+    return layernorm_backward(dh, cache.norm), dshift, dscale
+
+
+def chunks(a, n):
+    """(N, n*D) -> n views (N, D): torch's `a.chunk(n, dim=1)`. The backward is concatenate(grads, axis=1)."""
+    D = a.shape[1] // n
+    return [a[:, i * D:(i + 1) * D] for i in range(n)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Gated residual (the "Zero" of adaLN-Zero): out = x + gate * y, gate (N, D) broadcast over tokens
 # ----------------------------------------------------------------------------------------------
@@ -130,9 +172,13 @@ class GateCache(NamedTuple):
 
 
 @fused
-def gated_residual_forward(x, gate, y):
+def gated_residual(x, gate, y):
     """x, y (N, T, D), gate (N, D) -> x + gate[:, None] * y."""
-    return x + gate[:, None, :] * y, GateCache(gate, y)
+    return x + gate[:, None, :] * y
+
+
+def gated_residual_forward(x, gate, y):
+    return gated_residual(x, gate, y), GateCache(gate, y)
 
 
 def gated_residual_backward(dout, cache):
@@ -182,13 +228,17 @@ def _gelu_tanh(x):
 
 
 @fused
-def gelu_forward(x):
+def gelu(x):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     y = _gelu_tanh(x)  # y = 0.5 x (1 + th), in place
     y += 1
     y *= x
     y *= 0.5
-    return y, GELUCache(x)
+    return y
+
+
+def gelu_forward(x):
+    return gelu(x), GELUCache(x)
 
 
 @fused
@@ -212,13 +262,13 @@ def gelu_backward(dy, cache):
 
 
 @fused
-def softmax_forward(s):
-    """Softmax over the last axis, shifted by the row max for stability. Returns (a, a): a is its own cache."""
+def softmax(s):
+    """Softmax over the last axis, shifted by the row max for stability. The probabilities are their own cache."""
     xp = get_xp(s)
     a = s - s.max(axis=-1, keepdims=True)
     xp.exp(a, out=a)
     a /= a.sum(axis=-1, keepdims=True)
-    return a, a
+    return a
 
 
 @fused
@@ -230,37 +280,11 @@ def softmax_backward(da, a):
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-head attention. Self-attention (timm's Attention): qkv = x W_qkv^T + b laid out [q | k | v], each
-# split into NH contiguous heads; a = softmax(q k^T / sqrt(hs)); y = a v; heads concatenated; out = proj(y).
-# Cross-attention (the paper's cross-attention block): the same, with k and v computed from other tokens.
+# Multi-head attention (timm's Attention), in three steps that other models recombine:
+#   qkv_forward     q, k, v = heads of x W_qkv^T + b, laid out [q | k | v], NH contiguous heads each
+#   attend_forward  y = softmax(q k^T / sqrt(hs)) v           over any key set (self, joint, cross)
+#   linear_forward  out = merge_heads(y) W_proj^T + b
 # ----------------------------------------------------------------------------------------------
-def attend_forward(q, k, v):
-    """Scaled dot-product attention of every head: q (N, NH, T, hs), k and v (N, NH, S, hs) -> y (N, NH, T, hs).
-
-    a = softmax(q k^T / sqrt(hs)) over the S keys (N, NH, T, S);  y = a v.   Returns y, a.
-    """
-    s = (q * q.shape[-1] ** -0.5) @ k.transpose(0, 1, 3, 2)  # (N, NH, T, S) scores; q scaled first, as timm does
-    a, _ = softmax_forward(s)
-    return a @ v, a
-
-
-def attend_backward(dy, q, k, v, a):
-    """Returns dq, dk, dv of attend_forward.
-
-    y = a v            ->  da = dy v^T,   dv = a^T dy
-    a = softmax(s)     ->  ds = a * (da - sum(da * a))
-    s = q k^T / sqrt(hs) -> dq = ds k / sqrt(hs),   dk = ds^T q / sqrt(hs)
-    """
-    scale = q.shape[-1] ** -0.5  # applied to the (.., hs) products, which are smaller than ds when T, S > hs
-    dv = a.transpose(0, 1, 3, 2) @ dy  # (N, NH, S, hs)
-    ds = softmax_backward(dy @ v.transpose(0, 1, 3, 2), a)  # (N, NH, T, S), the gradient of the unscaled q k^T
-    dq = ds @ k
-    dq *= scale
-    dk = ds.transpose(0, 1, 3, 2) @ q
-    dk *= scale
-    return dq, dk, dv
-
-
 def split_heads(x, num_heads):
     """(N, T, D) -> (N, NH, T, hs), contiguous: each head is read by two batched matmuls, and CuPy would copy a
     strided operand at every one of them."""
@@ -274,74 +298,81 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(N, T, NH * hs)
 
 
+def qkv_forward(x, w, b, num_heads):
+    """x (N, T, D), w (3D', D), b (3D',) -> q, k, v each (N, NH, T, hs) with D' = NH hs, and the cache.
+
+    The fused projection is laid out [q | k | v] (timm), each split into NH contiguous heads."""
+    N, T, _ = x.shape
+    qkv, lin_cache = linear_forward(x, w, b)  # (N, T, 3D')
+    qkv = qkv.reshape(N, T, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs)
+    q, k, v = get_xp(x).ascontiguousarray(qkv)  # each (N, NH, T, hs), contiguous as in split_heads
+    return (q, k, v), lin_cache
+
+
+def qkv_backward(dq, dk, dv, cache):
+    """dq, dk, dv (N, NH, T, hs) -> dx, dw, db of qkv_forward."""
+    N, NH, T, hs = dq.shape
+    dqkv = get_xp(dq).empty((N, T, 3, NH, hs), dtype=dq.dtype)  # the [q | k | v] layout of the projection
+    heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs) view into dqkv
+    heads[0], heads[1], heads[2] = dq, dk, dv
+    return linear_backward(dqkv.reshape(N, T, 3 * NH * hs), cache)
+
+
+class AttendCache(NamedTuple):
+    q: Array  # (N, NH, T, hs)
+    k: Array  # (N, NH, S, hs)
+    v: Array  # (N, NH, S, hs)
+    a: Array  # (N, NH, T, S) attention probabilities
+
+
+def attend_forward(q, k, v):
+    """Scaled dot-product attention of every head: q (N, NH, T, hs), k and v (N, NH, S, hs) -> y (N, NH, T, hs).
+
+    a = softmax(q k^T / sqrt(hs)) over the S keys (N, NH, T, S);  y = a v.
+    """
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(0, 1, 3, 2)  # (N, NH, T, S) scores; q scaled first, as timm does
+    a = softmax(s)
+    return a @ v, AttendCache(q, k, v, a)
+
+
+def attend_backward(dy, cache):
+    """Returns dq, dk, dv of attend_forward.
+
+    y = a v            ->  da = dy v^T,   dv = a^T dy
+    a = softmax(s)     ->  ds = a * (da - sum(da * a))
+    s = q k^T / sqrt(hs) -> dq = ds k / sqrt(hs),   dk = ds^T q / sqrt(hs)
+    """
+    q, k, v, a = cache
+    scale = q.shape[-1] ** -0.5  # applied to the (.., hs) products, which are smaller than ds when T, S > hs
+    dv = a.transpose(0, 1, 3, 2) @ dy  # (N, NH, S, hs)
+    ds = softmax_backward(dy @ v.transpose(0, 1, 3, 2), a)  # (N, NH, T, S), the gradient of the unscaled q k^T
+    dq = ds @ k
+    dq *= scale
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    dk *= scale
+    return dq, dk, dv
+
+
 class AttentionCache(NamedTuple):
     qkv: LinearCache  # input x (N, T, D) and W_qkv
-    q: Array  # (N, NH, T, hs)
-    k: Array  # (N, NH, T, hs)
-    v: Array  # (N, NH, T, hs)
-    a: Array  # (N, NH, T, T) attention probabilities
+    attend: AttendCache
     proj: LinearCache  # heads concatenated (N, T, D) and W_proj
 
 
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads):
-    """Multi-head self-attention (timm's Attention, fused qkv laid out [q | k | v]): x (N, T, D) -> (N, T, D)."""
-    N, T, D = x.shape
-    hs = D // num_heads
-    qkv, c_qkv = linear_forward(x, w_qkv, b_qkv)  # (N, T, 3D)
-    qkv = qkv.reshape(N, T, 3, num_heads, hs).transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs)
-    q, k, v = get_xp(x).ascontiguousarray(qkv)  # each (N, NH, T, hs), contiguous as in split_heads
-    y, a = attend_forward(q, k, v)
-    out, c_proj = linear_forward(merge_heads(y), w_proj, b_proj)  # (N, T, D)
-    return out, AttentionCache(c_qkv, q, k, v, a, c_proj)
+    """Multi-head self-attention: x (N, T, D) -> proj(attend(qkv(x))) (N, T, D_out)."""
+    (q, k, v), qkv_cache = qkv_forward(x, w_qkv, b_qkv, num_heads)
+    y, attend_cache = attend_forward(q, k, v)
+    out, proj_cache = linear_forward(merge_heads(y), w_proj, b_proj)
+    return out, AttentionCache(qkv_cache, attend_cache, proj_cache)
 
 
 def attention_backward(dout, cache):
     """Returns dx, dW_qkv, db_qkv, dW_proj, db_proj."""
-    c_qkv, q, k, v, a, c_proj = cache
-    xp = get_xp(dout)
-    N, NH, T, hs = q.shape
-    dy, dw_proj, db_proj = linear_backward(dout, c_proj)  # (N, T, D)
-    dqkv = xp.empty((N, T, 3, NH, hs), dtype=dout.dtype)  # the [q | k | v] layout of the qkv output
-    dqkv_heads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, N, NH, T, hs) view into dqkv
-    dqkv_heads[0], dqkv_heads[1], dqkv_heads[2] = attend_backward(split_heads(dy, NH), q, k, v, a)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(N, T, 3 * NH * hs), c_qkv)
-    return dx, dw_qkv, db_qkv, dw_proj, db_proj
-
-
-class CrossAttentionCache(NamedTuple):
-    q_lin: LinearCache  # input x (N, T, D) and W_q
-    kv_lin: LinearCache  # input ctx (N, S, D) and W_kv
-    q: Array  # (N, NH, T, hs)
-    k: Array  # (N, NH, S, hs)
-    v: Array  # (N, NH, S, hs)
-    a: Array  # (N, NH, T, S)
-    proj: LinearCache
-
-
-def cross_attention_forward(x, ctx, w_q, b_q, w_kv, b_kv, w_proj, b_proj, num_heads):
-    """Multi-head cross-attention: the T tokens of x query the S tokens of ctx. x (N, T, D), ctx (N, S, D) -> (N, T, D).
-
-    q = x W_q^T + b_q;   [k | v] = ctx W_kv^T + b_kv;   out = proj(attend(q, k, v))   (heads as in self-attention)
-    """
-    N, S, D = ctx.shape
-    q, c_q = linear_forward(x, w_q, b_q)  # (N, T, D)
-    kv, c_kv = linear_forward(ctx, w_kv, b_kv)  # (N, S, 2D)
-    kv = kv.reshape(N, S, 2, num_heads, D // num_heads).transpose(2, 0, 3, 1, 4)  # (2, N, NH, S, hs)
-    q, (k, v) = split_heads(q, num_heads), get_xp(x).ascontiguousarray(kv)
-    y, a = attend_forward(q, k, v)
-    out, c_proj = linear_forward(merge_heads(y), w_proj, b_proj)
-    return out, CrossAttentionCache(c_q, c_kv, q, k, v, a, c_proj)
-
-
-def cross_attention_backward(dout, cache):
-    """Returns dx, dctx, dW_q, db_q, dW_kv, db_kv, dW_proj, db_proj."""
-    N, NH, S, hs = cache.k.shape
     dy, dw_proj, db_proj = linear_backward(dout, cache.proj)
-    dq, dk, dv = attend_backward(split_heads(dy, NH), cache.q, cache.k, cache.v, cache.a)
-    dx, dw_q, db_q = linear_backward(merge_heads(dq), cache.q_lin)
-    dkv = get_xp(dout).stack([dk, dv]).transpose(1, 3, 0, 2, 4).reshape(N, S, 2 * NH * hs)  # [k | v] layout
-    dctx, dw_kv, db_kv = linear_backward(dkv, cache.kv_lin)
-    return dx, dctx, dw_q, db_q, dw_kv, db_kv, dw_proj, db_proj
+    dq, dk, dv = attend_backward(split_heads(dy, cache.attend.q.shape[1]), cache.attend)
+    dx, dw_qkv, db_qkv = qkv_backward(dq, dk, dv, cache.qkv)
+    return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,10 +386,10 @@ class MLPCache(NamedTuple):
 
 def mlp_forward(x, w1, b1, w2, b2):
     """x (N, T, D) -> fc1 (N, T, 4D) -> GELU -> fc2 (N, T, D)."""
-    h, c1 = linear_forward(x, w1, b1)
-    h, cg = gelu_forward(h)
-    out, c2 = linear_forward(h, w2, b2)
-    return out, MLPCache(c1, cg, c2)
+    h, fc1_cache = linear_forward(x, w1, b1)
+    h, gelu_cache = gelu_forward(h)
+    out, fc2_cache = linear_forward(h, w2, b2)
+    return out, MLPCache(fc1_cache, gelu_cache, fc2_cache)
 
 
 def mlp_backward(dout, cache):
@@ -399,8 +430,8 @@ class PatchEmbedCache(NamedTuple):
 def patch_embed_forward(x, w, b, p):
     """Conv2d(C, D, kernel=p, stride=p) as patchify + matmul: x (N, C, H, W), w (D, C, p, p) -> (N, T, D)."""
     D = w.shape[0]
-    out, c = linear_forward(patchify(x, p), w.reshape(D, -1), b)
-    return out, PatchEmbedCache(c, x.shape, p)
+    out, lin_cache = linear_forward(patchify(x, p), w.reshape(D, -1), b)
+    return out, PatchEmbedCache(lin_cache, x.shape, p)
 
 
 def patch_embed_backward(dout, cache):
@@ -426,8 +457,26 @@ def unpatchify_backward(dout, p):
     return d.reshape(N, h * w, p * p * C)
 
 
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D sin-cos positional embedding (MAE), float64 numpy, shape (grid_size**2, embed_dim).
+
+    Token n sits at (row, col) = (n // g, n % g). The first D/2 dims encode the column, the last D/2 the
+    row; each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (D/4)), k < D/4.
+    """
+    assert embed_dim % 4 == 0, "the 2-D sin-cos embedding needs a hidden size divisible by 4"
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
+                             indexing="ij")  # each (g, g)
+
+    def emb_1d(dim, pos):  # pos (M,) -> (M, dim)
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([emb_1d(embed_dim // 2, cols.ravel()), emb_1d(embed_dim // 2, rows.ravel())], axis=1)
+
+
 # ----------------------------------------------------------------------------------------------
-# Embeddings of the conditioning
+# Embeddings of the conditioning: the timestep embedder and the label table
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _timestep_frequencies(xp, half, max_period):
@@ -441,10 +490,10 @@ def _timestep_frequencies(xp, half, max_period):
 
 
 def timestep_embedding(t, dim=256, max_period=10000):
-    """Sinusoidal embedding of integer timesteps (GLIDE/ADM), computed in float32 as the official code.
+    """Sinusoidal embedding of timesteps (GLIDE/ADM), computed in float32 as the official code.
 
     freqs_i = exp(-ln(max_period) i / half), i < half = dim // 2;   emb = [cos(t freqs), sin(t freqs)]
-    (cos first), a zero column appended when dim is odd. t (N,) -> (N, dim). No gradient: t is an integer.
+    (cos first), a zero column appended when dim is odd. t (N,) -> (N, dim). No gradient: t is an input.
     """
     xp = get_xp(t)
     half = dim // 2
@@ -454,6 +503,32 @@ def timestep_embedding(t, dim=256, max_period=10000):
     if dim % 2:
         emb = xp.concatenate([emb, xp.zeros_like(emb[:, :1])], axis=-1)
     return emb
+
+
+FREQ_DIM = 256  # size of the sinusoidal timestep embedding (DiT's frequency_embedding_size)
+
+
+class TimestepEmbedderCache(NamedTuple):
+    fc1: LinearCache
+    silu: SiLUCache
+    fc2: LinearCache
+
+
+def timestep_embedder_forward(t, w1, b1, w2, b2):
+    """DiT's TimestepEmbedder: t (N,) -> sinusoid (N, 256) -> Linear -> SiLU -> Linear -> (N, D), in w1's dtype."""
+    h = timestep_embedding(t, w1.shape[1]).astype(w1.dtype, copy=False)
+    h, fc1_cache = linear_forward(h, w1, b1)
+    h, silu_cache = silu_forward(h)
+    h, fc2_cache = linear_forward(h, w2, b2)
+    return h, TimestepEmbedderCache(fc1_cache, silu_cache, fc2_cache)
+
+
+def timestep_embedder_backward(dout, cache):
+    """Returns dW1, db1, dW2, db2 (t gets no gradient)."""
+    dh, dw2, db2 = linear_backward(dout, cache.fc2)
+    dh = silu_backward(dh, cache.silu)
+    _, dw1, db1 = linear_backward(dh, cache.fc1)
+    return dw1, db1, dw2, db2
 
 
 class EmbeddingCache(NamedTuple):
@@ -477,19 +552,27 @@ def embedding_backward(dout, cache):
     return onehot.T @ dout
 
 
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2-D sin-cos positional embedding (MAE), float64 numpy, shape (grid_size**2, embed_dim).
+# ----------------------------------------------------------------------------------------------
+# DiT's final layer: shift, scale = Linear(silu(c)) (no gate); out = Linear(adaLN(x, shift, scale))
+# ----------------------------------------------------------------------------------------------
+class FinalLayerCache(NamedTuple):
+    modulation: LinearCache  # input silu(c) (N, D)
+    adaln: AdaLNCache
+    linear: LinearCache
 
-    Token n sits at (row, col) = (n // g, n % g). The first D/2 dims encode the column, the last D/2 the
-    row; each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (D/4)), k < D/4.
-    """
-    assert embed_dim % 4 == 0, "the 2-D sin-cos embedding needs a hidden size divisible by 4"
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                             indexing="ij")  # each (g, g)
 
-    def emb_1d(dim, pos):  # pos (M,) -> (M, dim)
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
-        out = np.outer(pos, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+def final_layer_forward(x, c_act, w_mod, b_mod, w, b):
+    """x (N, T, D), c_act = silu(c) (N, D) -> (N, T, p*p*C_out); the modulation's output is [shift | scale]."""
+    mod, mod_cache = linear_forward(c_act, w_mod, b_mod)  # (N, 2D)
+    shift, scale = chunks(mod, 2)
+    h, adaln_cache = adaln_forward(x, shift, scale)
+    out, lin_cache = linear_forward(h, w, b)
+    return out, FinalLayerCache(mod_cache, adaln_cache, lin_cache)
 
-    return np.concatenate([emb_1d(embed_dim // 2, cols.ravel()), emb_1d(embed_dim // 2, rows.ravel())], axis=1)
+
+def final_layer_backward(dout, cache):
+    """Returns dx, dc_act, dW_mod, db_mod, dW, db."""
+    dh, dw, db = linear_backward(dout, cache.linear)
+    dx, dshift, dscale = adaln_backward(dh, cache.adaln)
+    dc_act, dw_mod, db_mod = linear_backward(get_xp(dout).concatenate([dshift, dscale], axis=1), cache.modulation)
+    return dx, dc_act, dw_mod, db_mod, dw, db

@@ -1,4 +1,4 @@
-"""AdamW and the EMA of the weights, as in the official train.py (dit-facts 4.1).
+"""AdamW and the EMA of the weights, as in the official train.py (facebookresearch/DiT train.py: main()).
 
 Official settings: ``torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)`` with the default
 betas (0.9, 0.999) and eps 1e-8, constant learning rate; ``ema = deepcopy(model)`` updated after every
@@ -18,26 +18,14 @@ import math
 
 import numpy as np
 
-from .backend import fused, get_xp, to_backend
+from .params import check_keys
 from .threads import map_balanced
+from .xp import fused, get_xp, to_backend
 
 
 def _to_like(value, like):
     """A fresh array with ``like``'s module and dtype holding ``value`` (host or device)."""
     return to_backend(value, get_xp(like), like.dtype).copy()
-
-
-def _check_keys(d, expected: set, what: str):
-    """Strict key check: a ValueError starting with ``what`` that names the missing and unexpected keys."""
-    keys = set(d)
-    missing, unexpected = sorted(expected - keys), sorted(keys - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise ValueError(f"{what}: " + "; ".join(parts))
 
 
 def run_updates(update, args, threads):
@@ -170,7 +158,7 @@ class AdamW:
         for name in names:
             if name in self._like:
                 expected |= {f"m.{name}", f"v.{name}", f"t.{name}"}
-        _check_keys(d, expected, "AdamW state_dict does not match")
+        check_keys(d, expected, "AdamW state_dict does not match")
         m, v, t = {}, {}, {}
         for name in names:
             like = self._like[name]
@@ -227,7 +215,7 @@ class EMA:
 
     def update(self, params: dict) -> None:
         """ema = d * ema + (1 - d) * p, in place on ``self.params`` (every name must be present)."""
-        _check_keys(params, set(self.params), "EMA update: params do not match the averaged copy")
+        check_keys(params, set(self.params), "EMA update: params do not match the averaged copy")
         d = self.current_decay()
         if d != 1.0:  # d = 1 (frozen): skip, since (ema - p) + p need not round back to ema exactly
             run_updates(ema_update, [(e, params[name], d) for name, e in self.params.items()], self.threads)
@@ -243,7 +231,7 @@ class EMA:
     def load_state_dict(self, d: dict) -> None:
         """Restore a state saved by ``state_dict``; strict on keys and shapes; copies into the existing arrays."""
         expected = {"decay", "warmup", "num_updates"} | {f"params.{name}" for name in self.params}
-        _check_keys(d, expected, "EMA state_dict does not match")
+        check_keys(d, expected, "EMA state_dict does not match")
         for name, e in self.params.items():
             value = d[f"params.{name}"]
             if tuple(value.shape) != tuple(e.shape):

@@ -15,6 +15,7 @@ threads run at the same time. The optimizer spreads its per-parameter updates ov
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import keep_freed_host_memory
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_host_memory():
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS. Returns whether it could.
+
+    A training step allocates and frees the same large temporaries every step; by default glibc returns blocks over
+    128 KiB to the OS on free, so every step would page-fault them in again. Threads other than the main one get
+    arenas of their own, whose heaps are unmapped when they empty: one arena for all threads keeps their memory too.
+    Process-wide; a no-op where the C library is not glibc. (Measurements: docs/performance.md.)
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to open, or not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30)  # 32 MiB, 1 GiB
+                and mallopt(M_ARENA_MAX, 1))
 
 
 def cpu_count():

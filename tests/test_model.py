@@ -215,7 +215,7 @@ def test_load_state_dict_round_trip_and_strictness():
     msg = str(e.value)
     assert "missing keys (1): blocks.1.mlp.fc1.bias" in msg
     assert "unexpected keys (1): blocks.9.attn.qkv.weight" in msg
-    assert "final_layer.linear.weight: checkpoint (5, 8) vs model (16, 8)" in msg
+    assert "final_layer.linear.weight: got (5, 8), expected (16, 8)" in msg
 
 
 def test_variant_names():
