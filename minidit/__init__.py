@@ -1,5 +1,27 @@
-"""minidit: the Diffusion Transformer (DiT) from scratch in NumPy/CuPy, every backward pass by hand."""
-from .model import DiT, DiTConfig, VARIANTS, forward_macs, get_config, param_shapes
+"""minidit: the Diffusion Transformer (DiT) from scratch in NumPy/CuPy, every backward pass by hand.
 
-__all__ = ["DiT", "DiTConfig", "VARIANTS", "forward_macs", "get_config", "param_shapes"]
+The mainline, in reading order (each module imports only the ones before it):
+
+    xp            which array module an array belongs to; host <-> device; the fused-kernel table
+    layers        every op as op_forward -> (out, cache) / op_backward(dout, cache) -> grads, and the sublayers
+                  models compose (attention in three steps, MLP, adaLN, embedders, final layer)
+    params        the flat parameter dict (take, named, check_keys) and the Model protocol
+    threads       every CPU core for NumPy: the batch in shards, one thread each
+    optim         AdamW and EMA, in place
+    cuda_kernels  fused CUDA kernels beside their references in layers / optim (imported with the cupy backend)
+    backend       a backend by name: numpy, cupy, strict
+    model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
+    conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
+    diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
+    gradcheck     central differences for the tests and notebooks
+    digits, data  the built-in digits; datasets; image output
+    checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
+    sample, train python -m minidit.sample / python -m minidit.train
+    vae, encode, convert   the latent pipeline and official checkpoints
+
+minidit.dev holds what checks and measures it (strict backend, PyTorch reference, bench, evaluate, experiments).
+"""
+from .model import VARIANTS, DiT, DiTConfig, DiTSpec, forward_macs, get_config, param_shapes
+
+__all__ = ["DiT", "DiTConfig", "DiTSpec", "VARIANTS", "forward_macs", "get_config", "param_shapes"]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ Layout of a minidit checkpoint (a zip written by ``np.savez``):
 
     "<namespace>.<name>"  -> array        e.g. "model.blocks.0.attn.qkv.weight", "ema.params.pos_embed",
                                                "opt.m.y_embedder.embedding_table.weight"
-    "__meta__"            -> uint8 array  UTF-8 JSON of ``meta`` (config, step, RNG states, scalar state ...)
+    "__meta__"            -> uint8 array  UTF-8 JSON of ``meta`` (specs, step, options, scalar state ...)
 
 Why not pickle / torch.save: unpickling runs arbitrary code. Here ``np.load(allow_pickle=False)`` reads only
 array headers and raw data, and JSON carries the rest.
@@ -12,8 +12,12 @@ array headers and raw data, and JSON carries the rest.
 The write is atomic: the file is written to a temporary name in the same directory, flushed to disk, then
 ``os.replace``d over the target, so a crash mid-write leaves the previous checkpoint intact.
 
-Arrays may be host (numpy) or device (cupy) arrays; they are brought to the host with ``backend.to_numpy``,
-and ``load_checkpoint`` returns numpy arrays (move them with ``backend.to_device``).
+Arrays may be host (numpy) or device (cupy) arrays; they are brought to the host with ``xp.to_numpy``,
+and ``load_checkpoint`` returns numpy arrays (move them with ``xp.to_device``).
+
+Below the file layer (save_checkpoint / load_checkpoint), this module is the one place that knows minidit's
+checkpoint format: what a training run saves (save_training, read_training), what minidit.convert writes
+(save_weights), and how any of them becomes a model and an objective again (read, build_model, load).
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ import zipfile
 
 import numpy as np
 
-from .backend import to_numpy
+from . import conditioning
+from .diffusion import Diffusion
+from .xp import to_numpy
 
 META_KEY = "__meta__"
 # keyword names of np.savez itself, which cannot be passed through **kwds
@@ -189,65 +195,19 @@ def split_state(state: dict) -> tuple[dict, dict]:
     return arrays, scalars
 
 
-# ---------------------------------------------------------------- RNG state <-> JSON
-# A numpy Generator's ``bit_generator.state`` is a dict of ints (PCG64: 128-bit ``state`` and ``inc``), strings
-# and, for some bit generators (MT19937), arrays. Python's json keeps big ints exactly, but many other JSON
-# readers turn numbers into float64, so ints beyond 2**53 and arrays are tagged and written as strings / lists.
-
-_SAFE_INT = 2**53
-
-
-def _encode(x):
-    if isinstance(x, dict):
-        return {k: _encode(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_encode(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return {"__ndarray__": [_encode(int(v)) for v in x.ravel()], "dtype": x.dtype.str, "shape": list(x.shape)}
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= _SAFE_INT:
-        return {"__bigint__": str(x)}
-    return x
-
-
-def _decode(x):
-    if isinstance(x, dict):
-        if "__bigint__" in x:
-            return int(x["__bigint__"])
-        if "__ndarray__" in x:
-            values = [_decode(v) for v in x["__ndarray__"]]
-            return np.array(values, dtype=np.dtype(x["dtype"])).reshape(x["shape"])
-        return {k: _decode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    return x
-
-
-def rng_state(gen) -> dict:
-    """JSON-able state of a ``np.random.Generator`` (any of numpy's bit generators)."""
-    if not isinstance(gen, np.random.Generator):
-        raise TypeError(
-            f"rng_state needs a numpy.random.Generator, got {type(gen).__module__}.{type(gen).__name__}"
-        )
-    return _encode(gen.bit_generator.state)
-
-
-def set_rng_state(gen, state: dict) -> None:
-    """Restore a state from ``rng_state`` into ``gen`` (which must use the same bit generator)."""
-    if not isinstance(gen, np.random.Generator):
-        raise TypeError(
-            f"set_rng_state needs a numpy.random.Generator, got {type(gen).__module__}.{type(gen).__name__}"
-        )
-    decoded = _decode(state)
-    want, have = decoded.get("bit_generator"), type(gen.bit_generator).__name__
-    if want != have:
-        raise ValueError(f"RNG state is for bit generator {want!r}, but this Generator uses {have!r}")
-    gen.bit_generator.state = decoded
-
-
-# ---------------------------------------------------------------- a model from a checkpoint
+# ---------------------------------------------------------------- the format of minidit's checkpoints
+# Every checkpoint minidit writes (a training run's, or converted official weights) is one .npz:
+#   arrays  "model.<name>"        the raw weights (training checkpoints)
+#           "ema.params.<name>"   the EMA weights, which sampling uses (both kinds)
+#           "opt.<m|v>.<name>"    AdamW's moments (training checkpoints)
+#   meta    {"format": FORMAT, "model": the model's spec (spec.to_dict(): "kind" and every constructor argument),
+#            "objective": the objective's spec(), ...}  plus, for a training run, "step", "args" (every option of
+#            minidit.train), "class_names", "opt" and "ema" (their scalar state); for converted weights, "source".
+# One loader rebuilds any model from "model" (build_model) and its objective from "objective" (build_objective).
+FORMAT = "minidit-2"
+OLD_FORMATS = ("minidit-train-1", "minidit-converted-1")  # written before model specs had a "kind": still read
 CKPT_NAME = "checkpoint.npz"  # the file minidit.train keeps in its run directory
+_DDPM = {"kind": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000}  # what every old checkpoint trained
 
 
 def checkpoint_file(path):
@@ -255,22 +215,92 @@ def checkpoint_file(path):
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
 
 
-def load_model(path, ema=True, backend="numpy"):
-    """Build the DiT a training checkpoint describes and load its EMA weights (or the raw ones, ema=False)."""
-    from .model import DiT  # here, not at the top: the model does not depend on checkpoints
-
+def read(path) -> tuple[dict, dict]:
+    """(arrays, meta) of a minidit checkpoint of any version, its meta in today's layout; a clear CheckpointError
+    for files of another version or kind."""
     path = checkpoint_file(path)
     arrays, meta = load_checkpoint(path)
-    if "model" not in meta:
-        raise CheckpointError(f"{path!r} does not say which DiT it holds (no 'model' entry in its metadata)")
+    version = meta.get("format")
+    if version in OLD_FORMATS:
+        meta = dict(meta, format=FORMAT)
+        if isinstance(meta.get("model"), dict):
+            meta["model"] = {"kind": "dit", "block": "adaln-zero", **meta["model"]}  # no --block before its time
+            meta["objective"] = {**_DDPM, "learn_sigma": bool(meta["model"].get("learn_sigma", True))}
+    elif version != FORMAT:
+        raise CheckpointError(f"{path!r} is a checkpoint of format {version!r}; this minidit reads {FORMAT!r} and "
+                              f"the older {', '.join(map(repr, OLD_FORMATS))}: write it again with this minidit "
+                              f"(minidit.train --resume with the version that wrote it, or minidit.convert)")
+    for key in ("model", "objective"):
+        if not isinstance(meta.get(key), dict) or "kind" not in meta[key]:
+            raise CheckpointError(f"{path!r} does not say which {key} it holds (no {key!r} spec in its metadata)")
+    return arrays, meta
+
+
+def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
+    """The model a spec dict describes (a checkpoint's meta["model"]), freshly initialised from `seed`."""
+    models = {"dit": conditioning.build}  # kind -> builder; DiT and the paper's other designs
+    kind = spec.get("kind")
+    if kind not in models:
+        raise CheckpointError(f"unknown model kind {kind!r} in the checkpoint; this minidit builds {', '.join(models)}")
+    try:
+        return models[kind]({k: v for k, v in spec.items() if k != "kind"}, seed=seed, dtype=dtype, backend=backend)
+    except TypeError as e:  # a field this minidit does not know, or one missing
+        raise CheckpointError(f"the checkpoint's model spec {spec} does not fit this minidit ({e})") from None
+
+
+def build_objective(spec: dict):
+    """The objective a spec dict describes (a checkpoint's meta["objective"])."""
+    objectives = {"ddpm": Diffusion}
+    kind = spec.get("kind")
+    if kind not in objectives:
+        raise CheckpointError(f"unknown objective {kind!r} in the checkpoint; this minidit has {', '.join(objectives)}")
+    return objectives[kind](**{k: v for k, v in spec.items() if k != "kind"})
+
+
+def load(path, ema=True, backend="numpy", dtype=np.float32):
+    """(model, objective, meta) of a checkpoint: the model its spec describes with its EMA weights (or the raw ones,
+    ema=False), and the objective it was trained with."""
+    arrays, meta = read(path)
     prefix = "ema.params." if ema else "model."
     state = split_prefix(arrays, prefix)
     if not state:
-        raise CheckpointError(f"{path!r} has no {'EMA' if ema else 'model'} weights (no '{prefix}*' arrays)")
-    cfg = meta["model"]
-    model = DiT(cfg["variant"], input_size=cfg["input_size"], in_channels=cfg["in_channels"],
-                num_classes=cfg["num_classes"], learn_sigma=cfg["learn_sigma"],
-                class_dropout_prob=cfg["class_dropout_prob"], backend=backend,
-                block=cfg.get("block", "adaln-zero"))  # checkpoints from before block types are adaLN-Zero
+        raise CheckpointError(f"{checkpoint_file(path)!r} has no {'EMA' if ema else 'raw model'} weights "
+                              f"(no '{prefix}*' arrays)" + ("" if ema else "; converted weights have only EMA ones"))
+    model = build_model(meta["model"], dtype=dtype, backend=backend)
     model.load_state_dict(state)
-    return model
+    return model, build_objective(meta["objective"]), meta
+
+
+def load_model(path, ema=True, backend="numpy", dtype=np.float32):
+    """The model of a checkpoint (minidit.train's or minidit.convert's) with its EMA weights, or the raw ones."""
+    return load(path, ema=ema, backend=backend, dtype=dtype)[0]
+
+
+def save_weights(path, model_spec: dict, objective_spec: dict, ema_params: dict, **meta):
+    """A checkpoint of weights only (minidit.convert): loads with load_model, cannot be resumed."""
+    save_checkpoint(path, add_prefix(ema_params, "ema.params."),
+                    {"format": FORMAT, "model": model_spec, "objective": objective_spec, **meta})
+
+
+def save_training(path, *, model, objective, opt, ema, step, args: dict, class_names):
+    """A training run's whole state: weights, EMA, AdamW, step and options, so that resuming continues exactly."""
+    opt_arrays, opt_scalars = split_state(opt.state_dict())
+    ema_arrays, ema_scalars = split_state(ema.state_dict())
+    arrays = {**add_prefix(model.params, "model."), **add_prefix(ema_arrays, "ema."), **add_prefix(opt_arrays, "opt.")}
+    meta = {"format": FORMAT, "model": model.spec.to_dict(), "objective": objective.spec(), "step": step,
+            "args": args, "class_names": list(class_names), "opt": opt_scalars, "ema": ema_scalars,
+            "rng": "stateless: step k draws from default_rng([seed, k, ...]); seed is in args"}
+    save_checkpoint(path, arrays, meta)
+
+
+def read_training(path) -> tuple[dict, dict]:
+    """(states, meta) of a training checkpoint: states["model"], ["ema"], ["opt"] are the flat state dicts of the
+    model, EMA and AdamW (arrays and scalars merged, as their load_state_dict takes them)."""
+    arrays, meta = read(path)
+    if "args" not in meta or "opt" not in meta:
+        raise CheckpointError(f"{checkpoint_file(path)!r} is not a training checkpoint of minidit.train (converted "
+                              f"weights, say); it cannot be resumed, only sampled")
+    states = {"model": split_prefix(arrays, "model."),
+              "ema": {**split_prefix(arrays, "ema."), **meta["ema"]},
+              "opt": {**split_prefix(arrays, "opt."), **meta["opt"]}}
+    return states, meta

@@ -21,10 +21,10 @@ import os
 import re
 import sys
 
-from .checkpoint import add_prefix, save_checkpoint
-from .model import VARIANTS, get_config, param_shapes
-
-FORMAT = "minidit-converted-1"
+from .checkpoint import save_weights
+from .diffusion import Diffusion
+from .model import VARIANTS, DiTSpec, param_shapes
+from .params import check_keys
 
 
 def read_torch_checkpoint(path):
@@ -77,17 +77,16 @@ def infer_model(state):
 def convert(src, dst):
     """Convert src (.pt) to dst (.npz); returns the model description written and the entry used. Every name and
     shape is checked against the inferred DiT first, so a file that is not an official DiT fails here, not later."""
+    if not dst.endswith(".npz"):
+        raise ValueError(f"the output {dst!r} must be an .npz file: minidit writes its checkpoints as .npz "
+                         f"(name it e.g. {os.path.splitext(dst)[0] + '.npz'!r})")
     state, used = read_torch_checkpoint(src)
     meta = infer_model(state)
-    expected = param_shapes(get_config(meta["variant"]), meta["input_size"], meta["in_channels"],
-                            meta["num_classes"], meta["learn_sigma"], meta["class_dropout_prob"], meta["block"])
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and
-                                                  tuple(state[k].shape) != tuple(expected[k])]
-    if wrong:
-        raise ValueError(f"{src!r} does not match DiT {meta['variant']} ({len(wrong)} names missing, unexpected or "
-                         f"mis-shaped: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''})")
-    save_checkpoint(dst, add_prefix(state, "ema.params."),
-                    {"format": FORMAT, "model": meta, "source": os.path.basename(src), "weights": used})
+    spec = DiTSpec(**meta)
+    expected = param_shapes(spec)
+    check_keys(state, expected, f"{src!r} does not match DiT {meta['variant']}", expected)
+    save_weights(dst, spec.to_dict(), Diffusion("", learn_sigma=spec.learn_sigma).spec(), state,
+                 source=os.path.basename(src), weights=used)
     return meta, used
 
 

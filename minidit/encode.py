@@ -14,7 +14,8 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import BACKENDS, make_rng, to_device, to_numpy
+from .backend import BACKENDS
+from .xp import make_rng, to_device, to_numpy
 from .data import ImageFolder
 from .vae import VAE
 

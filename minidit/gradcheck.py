@@ -48,10 +48,12 @@ def rel_error(a, b, floor=1e-30):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), floor))
 
 
-def check_backward(forward, backward, inputs, dout=None, rng=None, h=1e-6, max_elems=None):
+def check_backward(forward, backward, inputs, names=None, dout=None, rng=None, h=1e-6, max_elems=None):
     """Compare a hand-written backward against central differences.
 
-    forward(**inputs) -> (out, cache); backward(dout, cache) -> dict name -> gradient for some inputs.
+    forward(**inputs) -> (out, cache); backward(dout, cache) -> the gradients of some inputs: a tuple (or one array)
+    in the order of `names`, e.g. check_backward(linear_forward, linear_backward, dict(x=x, w=w, b=b), "x w b"),
+    or a dict name -> gradient (names=None).
     The scalar checked is L = sum(out * dout) with a random dout, so dL/dinput = backward(dout).
     Returns dict name -> relative error for every gradient backward returned. Gradients with norm
     below 1e-3 are compared absolutely (error / 1e-3): in float64 with h = 1e-6 the numerical estimate
@@ -62,6 +64,9 @@ def check_backward(forward, backward, inputs, dout=None, rng=None, h=1e-6, max_e
     if dout is None:
         dout = rng.standard_normal(out.shape)
     grads = backward(dout, cache)
+    if names is not None:
+        names = names.split() if isinstance(names, str) else list(names)
+        grads = dict(zip(names, grads if isinstance(grads, tuple) else (grads,), strict=True))
     errors = {}
     for name, g in grads.items():
         x = inputs[name]

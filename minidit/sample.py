@@ -10,14 +10,18 @@ import sys
 
 import numpy as np
 
-from .backend import BACKENDS, make_rng, to_device, to_numpy
+from .backend import BACKENDS
 from .diffusion import Diffusion, cfg_model_fn
 from .threads import data_parallel
+from .xp import make_rng, to_device, to_numpy
 
 
-def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
+def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
              guide_channels=None, clip_denoised=False, progress=True, threads=None):
     """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
+
+    objective: what the model was trained with (a checkpoint says: checkpoint.load); None: the official DDPM with
+    the model's learn_sigma. It is respaced to num_sampling_steps and runs `sampler` (one of objective.SAMPLERS).
 
     The starting noise is drawn on the host from `seed`, so a seed gives the same images on every backend
     (up to floating-point differences); the per-step noise comes from a generator on the model's backend.
@@ -32,7 +36,11 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
         raise ValueError("give at least one class label")
     if labels.min() < 0 or labels.max() >= model.num_classes:
         raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}], got {labels.tolist()}")
-    diffusion = Diffusion(str(num_sampling_steps), learn_sigma=model.learn_sigma)
+    if objective is None:
+        objective = Diffusion("", learn_sigma=model.learn_sigma)
+    if sampler not in objective.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(objective.SAMPLERS)}")
+    process = objective.for_sampling(num_sampling_steps)
     shape = (len(labels), model.in_channels, model.input_size, model.input_size)
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
     y = to_device(labels, xp)
@@ -51,13 +59,8 @@ def generate(model, labels, *, cfg_scale=4.0, num_sampling_steps=250, sampler="d
     else:
         def model_fn(x, t):
             return forward(x, t, y)
-    rng = make_rng(xp, seed + 1)
-    if sampler == "ddpm":
-        x0 = diffusion.p_sample_loop(model_fn, noise, rng, clip_denoised=clip_denoised, progress=progress)
-    elif sampler == "ddim":
-        x0 = diffusion.ddim_sample_loop(model_fn, noise, rng, eta=eta, clip_denoised=clip_denoised, progress=progress)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    x0 = process.sample(model_fn, noise, make_rng(xp, seed + 1), sampler=sampler, eta=eta,
+                        clip_denoised=clip_denoised, progress=progress)
     return to_numpy(x0).astype(np.float32)
 
 
@@ -74,7 +77,7 @@ def decode_latents(latents, vae_path, backend="numpy", batch_size=8):
 
 
 def main(argv=None):
-    from .checkpoint import load_model  # imported here: the CLI needs it, the library function does not
+    from .checkpoint import load  # imported here: the CLI needs it, the library function does not
     from .data import save_grid, to_uint8_nhwc
 
     ap = argparse.ArgumentParser(prog="python -m minidit.sample", description=__doc__,
@@ -88,7 +91,7 @@ def main(argv=None):
                     help="guide only the first K noise channels (3 = the official DiT checkpoints' behaviour); "
                          "default: all of them")
     ap.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of diffusion steps")
-    ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    ap.add_argument("--sampler", choices=Diffusion.SAMPLERS, default="ddpm")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     ap.add_argument("--clip-denoised", action="store_true",
                     help="clamp the predicted x0 to [-1, 1] at every step (for pixel data; off for latents, as DiT)")
@@ -105,11 +108,12 @@ def main(argv=None):
                                                 "VAE (its diffusers safetensors file), as the official sample.py")
     args = ap.parse_args(argv)
     try:
-        model = load_model(args.ckpt, ema=not args.no_ema, backend=args.backend)
+        model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
         labels = args.class_labels
         if labels is None:
             labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
-        images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
+        images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale,
+                          num_sampling_steps=args.num_sampling_steps,
                           sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels,
                           clip_denoised=args.clip_denoised, threads=args.threads)
         if args.vae:

@@ -25,15 +25,15 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report, to_device, to_numpy
-from .checkpoint import (CKPT_NAME, add_prefix, checkpoint_file, load_checkpoint, save_checkpoint, split_prefix,
-                         split_state)
+from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
+from .checkpoint import CKPT_NAME, build_model, checkpoint_file, read_training, save_training
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
-from .model import BLOCK_TYPES, DiT, get_config
+from .model import BLOCK_TYPES, DiTSpec, get_config
 from .optim import EMA, AdamW
 from .sample import generate
 from .threads import data_parallel
+from .xp import to_device, to_numpy
 
 
 def parse_args(argv=None):
@@ -95,7 +95,8 @@ RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample
 
 
 class Run:
-    """Everything a training run owns; `state` / `load` are the checkpoint round trip."""
+    """Everything a training run owns: data, model, objective, optimizer, EMA; `save` / `load` are the checkpoint
+    round trip (minidit.checkpoint)."""
 
     def __init__(self, args):
         self.args = args
@@ -104,11 +105,10 @@ class Run:
         if args.image_size is None:  # resolved once and saved, like the learning rate below
             args.image_size = 16 if args.data == "digits" else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
-        self.model = DiT(args.variant, input_size=self.data.image_size, in_channels=self.data.channels,
-                         num_classes=self.data.num_classes, learn_sigma=args.learn_sigma,
-                         class_dropout_prob=args.class_dropout_prob, seed=args.seed, backend=args.backend,
-                         block=args.block)
-        self.diffusion = Diffusion("", learn_sigma=args.learn_sigma)
+        spec = DiTSpec(args.variant, self.data.image_size, self.data.channels, self.data.num_classes,
+                       args.learn_sigma, args.class_dropout_prob, args.block)
+        self.model = build_model(spec.to_dict(), seed=args.seed, backend=args.backend)
+        self.objective = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
@@ -127,12 +127,12 @@ class Run:
         xp, B = self.xp, self.args.batch_size
         x0, y = self.data.batch(step, B, self.args.seed)
         rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
-        t = rng.integers(0, self.diffusion.num_timesteps, size=B)
+        t = self.objective.sample_t(B, rng)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
         x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
-        x_t = self.diffusion.q_sample(x0, t, noise)
+        x_t = self.objective.q_sample(x0, t, noise)
         out, cache = self.net.forward(x_t, t, y, train=True, rng=rng)
-        loss, _, dout = self.diffusion.training_loss(out, x0, t, noise)
+        loss, _, dout = self.objective.training_loss(out, x0, t, noise)
         grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
         self.opt.step(self.model.params, grads)
         self.ema.update(self.model.params)
@@ -140,34 +140,22 @@ class Run:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path):
-        opt_arrays, opt_scalars = split_state(self.opt.state_dict())
-        ema_arrays, ema_scalars = split_state(self.ema.state_dict())
-        arrays = {**add_prefix(self.model.params, "model."), **add_prefix(ema_arrays, "ema."),
-                  **add_prefix(opt_arrays, "opt.")}
-        meta = {"format": "minidit-train-1", "step": self.step, "args": vars(self.args),
-                "model": {"variant": str(self.model.variant), "input_size": self.model.input_size,
-                          "in_channels": self.model.in_channels, "num_classes": self.model.num_classes,
-                          "learn_sigma": self.model.learn_sigma,
-                          "class_dropout_prob": self.model.class_dropout_prob, "block": self.model.block},
-                "class_names": self.data.class_names, "opt": opt_scalars, "ema": ema_scalars,
-                "rng": "stateless: step k draws from default_rng([seed, k, ...]); seed is in args"}
-        save_checkpoint(path, arrays, meta)
+        save_training(path, model=self.model, objective=self.objective, opt=self.opt, ema=self.ema, step=self.step,
+                      args=vars(self.args), class_names=self.data.class_names)
 
     def load(self, path):
-        arrays, meta = load_checkpoint(path)
-        self.model.load_state_dict(split_prefix(arrays, "model."))
-        dev = lambda d: {k: to_device(v, self.xp) for k, v in d.items()}  # noqa: E731
-        self.ema.load_state_dict({**dev(split_prefix(arrays, "ema.")), **meta["ema"]})
-        self.opt.load_state_dict({**dev(split_prefix(arrays, "opt.")), **meta["opt"]})
+        states, meta = read_training(path)
+        self.model.load_state_dict(states["model"])
+        dev = lambda d: {k: to_device(v, self.xp) if hasattr(v, "shape") else v for k, v in d.items()}  # noqa: E731
+        self.ema.load_state_dict(dev(states["ema"]))
+        self.opt.load_state_dict(dev(states["opt"]))
         self.step = meta["step"]
 
 
 def resolve_resume(args, explicit):
     """--resume PATH: the run's options come from its checkpoint; only RESUME_OVERRIDES may be changed."""
     path = checkpoint_file(args.resume)
-    _, meta = load_checkpoint(path)
-    if meta.get("format") != "minidit-train-1":
-        raise ValueError(f"{path} is not a training checkpoint of minidit.train; it cannot be resumed")
+    _, meta = read_training(path)
     saved = dict(meta["args"])
     saved.setdefault("block", "adaln-zero")  # written before --block existed
     saved.setdefault("final_samples", True)
@@ -189,9 +177,9 @@ def write_grid(run, path, progress=False):
     n = run.data.num_classes
     per_class = max(1, min(10, 100 // n))
     labels = [c for c in range(n) for _ in range(per_class)]
-    images = generate(model, labels, cfg_scale=run.args.cfg_scale, num_sampling_steps=run.args.sample_steps,
-                      seed=run.args.seed, clip_denoised=run.data.kind != "latents", progress=progress,
-                      threads=run.threads)
+    images = generate(model, labels, objective=run.objective, cfg_scale=run.args.cfg_scale,
+                      num_sampling_steps=run.args.sample_steps, seed=run.args.seed,
+                      clip_denoised=run.data.kind != "latents", progress=progress, threads=run.threads)
     save_grid(images, path, nrow=per_class)
 
 
@@ -214,7 +202,7 @@ def train(args, explicit=frozenset()):
         log_file.flush()
 
     m = run.model
-    log(f"DiT {m.variant}: {m.num_params():,} parameters ({m.num_params(trainable_only=True):,} trainable), "
+    log(f"{type(m).__name__} {m.variant}: {m.num_params():,} parameters ({m.num_params(trainable_only=True):,} trainable), "
         f"{m.gmacs():.3f} GMACs/image; data {run.data}; backend {args.backend}"
         + (f" ({run.threads} threads)" if run.xp is np else ""))
     if resume_path:

@@ -25,7 +25,8 @@ import struct
 
 import numpy as np
 
-from .backend import get_backend, get_xp, to_backend
+from .backend import get_backend
+from .xp import get_xp, to_backend
 from .layers import attend_forward, silu_forward
 
 SCALE = 0.18215  # latents = SCALE * the VAE's posterior (DiT's train.py and sample.py)

@@ -13,7 +13,7 @@ def rng():
 
 
 # ---------------------------------------------------------------- array backends
-# numpy (CPU), strict (minidit.strict: a CPU emulation of a device that fails where CuPy would), cupy (CUDA).
+# numpy (CPU), strict (minidit.dev.strict: a CPU emulation of a device that fails where CuPy would), cupy (CUDA).
 ALL_BACKENDS = ("numpy", "strict", "cupy")
 DEVICE_BACKENDS = ("strict", "cupy")
 

@@ -1,14 +1,15 @@
 """One code path on every backend: the training step, the loss, sampling, checkpoints and dtypes run through the
-strict backend (minidit.strict: a CPU emulation of a device that refuses host arrays and counts host syncs, as CuPy
+strict backend (minidit.dev.strict: a CPU emulation of a device that refuses host arrays and counts host syncs, as CuPy
 would) and through CuPy where a GPU is present, and are compared with the numpy backend on the same inputs and
 parameters. The last part tests the strict backend itself, so that its refusals are known to work.
 """
 import numpy as np
 import pytest
 
-from minidit import strict
+from minidit.dev import strict
 from minidit import train as train_mod
-from minidit.backend import BACKENDS, get_backend, get_xp, to_device, to_numpy
+from minidit.backend import BACKENDS, get_backend
+from minidit.xp import get_xp, to_device, to_numpy
 from minidit.checkpoint import load_checkpoint, load_model
 from minidit.diffusion import Diffusion
 from minidit.layers import embedding_backward, embedding_forward
@@ -456,7 +457,7 @@ def test_numpy_backend_reuses_freed_host_memory():
     """After get_backend("numpy"), a step's large temporaries come back from malloc's free lists instead of fresh,
     page-faulting mmaps: allocating and freeing the same 8 MiB array again costs (almost) no page faults."""
     resource = pytest.importorskip("resource")
-    from minidit.backend import keep_freed_host_memory
+    from minidit.threads import keep_freed_host_memory
 
     get_backend("numpy")
     if not keep_freed_host_memory():

@@ -1,10 +1,10 @@
-"""Smoke tests of `python -m minidit.bench`: it runs on a tiny configuration and prints every field.
+"""Smoke tests of `python -m minidit.dev.bench`: it runs on a tiny configuration and prints every field.
 No timing assertions: speed is measured by the command, never by tests."""
 import importlib.util
 
 import pytest
 
-from minidit import bench
+from minidit.dev import bench
 
 TINY = ["--variant", "mini/4", "--input-size", "8", "--in-channels", "3", "--num-classes", "4", "--batch-size", "2",
         "--steps", "1", "--warmup", "0", "--runs", "1", "--peak-size", "64"]

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import require_backend
 from minidit import layers as L
-from minidit.backend import set_fused_kernels
+from minidit.xp import set_fused_kernels
 from minidit.optim import adamw_update, ema_update
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-11, atol=1e-12)}

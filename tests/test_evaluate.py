@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from minidit import evaluate as E
+from minidit.dev import evaluate as E
 from minidit.data import load_dataset
 from minidit.gradcheck import check_backward, numerical_grad, random_indices, rel_error
 

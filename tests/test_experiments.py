@@ -3,7 +3,7 @@ run reuses what is finished instead of training again."""
 import json
 import os
 
-from minidit.experiments import configurations, main, parse_args
+from minidit.dev.experiments import configurations, main, parse_args
 
 TOY = ["--steps", "2", "--batch-size", "4", "--per-class", "1", "--sample-steps", "2"]
 

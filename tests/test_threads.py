@@ -160,7 +160,7 @@ def test_pool_threads_reuse_freed_memory():
     """The pool's threads get their temporaries back from malloc's free lists as the main thread does (one arena
     for all: a thread's own arena unmaps its heaps when they empty, and every shard page-faulted them in again)."""
     resource = pytest.importorskip("resource")
-    from minidit.backend import keep_freed_host_memory
+    from minidit.threads import keep_freed_host_memory
 
     if not keep_freed_host_memory():
         pytest.skip("not glibc: malloc cannot be tuned here")

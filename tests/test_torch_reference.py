@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from minidit import DiT, DiTConfig, param_shapes  # noqa: E402
-from minidit import torch_reference as tr  # noqa: E402
+from minidit.dev import torch_reference as tr  # noqa: E402
 from minidit.diffusion import Diffusion, cfg_model_fn  # noqa: E402
 from minidit.layers import timestep_embedding  # noqa: E402
 from minidit.optim import EMA, AdamW  # noqa: E402

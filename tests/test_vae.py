@@ -62,8 +62,8 @@ def test_group_norm_matches_the_definition():
 def test_vae_runs_on_device_backends(device_backend):
     """The same code on the strict device emulation (and CuPy with a GPU): no NumPy array leaks into device math,
     and encode / decode match NumPy."""
-    from minidit import strict
-    from minidit.backend import get_xp, to_device, to_numpy
+    from minidit.dev import strict
+    from minidit.xp import get_xp, to_device, to_numpy
 
     weights = random_weights(channels=(8, 16))
     ref, dev = VAE(weights, norm_groups=GROUPS), VAE(weights, norm_groups=GROUPS, backend=device_backend)

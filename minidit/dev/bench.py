@@ -1,9 +1,9 @@
 """How fast is a minidit training step, and how far from the machine's matmul peak?
 
-    python -m minidit.bench --preset small --compare-torch    # mini/4 on 32x32x3, batch 32, against PyTorch eager
-    python -m minidit.bench --preset all                      # small, s4 (S/4, batch 16), s2 (S/2, batch 8)
-    python -m minidit.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
-    python -m minidit.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
+    python -m minidit.dev.bench --preset small --compare-torch    # mini/4 on 32x32x3, batch 32, against PyTorch eager
+    python -m minidit.dev.bench --preset all                      # small, s4 (S/4, batch 16), s2 (S/2, batch 8)
+    python -m minidit.dev.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
+    python -m minidit.dev.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
 
 Per configuration it prints
   * ms per training step, split into forward (q_sample + DiT forward), backward (loss, its gradient and the DiT
@@ -34,11 +34,13 @@ import tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .backend import get_backend, set_fused_kernels, to_device
-from .diffusion import Diffusion
-from .model import DiT, forward_macs, get_config
-from .optim import EMA, AdamW
-from .threads import data_parallel
+from ..backend import get_backend
+from ..checkpoint import build_model
+from ..diffusion import Diffusion
+from ..model import DiTSpec, forward_macs, get_config
+from ..optim import EMA, AdamW
+from ..threads import data_parallel
+from ..xp import set_fused_kernels, to_device
 
 PRESETS = {  # the configurations of the speed issue
     "small": dict(variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32),
@@ -123,6 +125,11 @@ class MatmulPeak:
 # ----------------------------------------------------------------------------------------------
 # the two sides: one training step each, phases (forward, backward incl. loss, optimizer) in seconds
 # ----------------------------------------------------------------------------------------------
+def model_spec(spec):
+    """The DiTSpec of a bench configuration."""
+    return DiTSpec(spec["variant"], spec["input_size"], spec["in_channels"], spec["num_classes"])
+
+
 def make_batch(spec, seed=0):
     """x0, y, t, noise as host arrays (the same batch every step, for both sides)."""
     rng = np.random.default_rng(seed)
@@ -139,10 +146,9 @@ class MiniditSide:
 
     def __init__(self, spec, backend, batch, threads=1):
         self.xp = xp = get_backend(backend)
-        self.model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
-                         num_classes=spec["num_classes"], seed=0, backend=backend)
+        self.model = build_model(model_spec(spec).to_dict(), seed=0, backend=backend)
         self.net, threads = data_parallel(self.model, threads)  # NumPy: one batch shard per thread, as minidit.train
-        self.diffusion = Diffusion("")
+        self.objective = Diffusion("")
         self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
         self.ema = EMA(self.model.params, decay=0.9999, threads=threads)
         self.x0, self.y, self.t, self.noise = (to_device(a, xp) for a in batch)
@@ -153,10 +159,10 @@ class MiniditSide:
     def step(self):
         net, params, tm = self.net, self.model.params, self.timer
         tm.start()
-        x_t = self.diffusion.q_sample(self.x0, self.t, self.noise)
+        x_t = self.objective.q_sample(self.x0, self.t, self.noise)
         out, cache = net.forward(x_t, self.t, self.y, train=True, rng=self.rng)
         tm.mark()
-        _, _, dout = self.diffusion.training_loss(out, self.x0, self.t, self.noise)
+        _, _, dout = self.objective.training_loss(out, self.x0, self.t, self.noise)
         grads = net.backward(dout, cache, release=True)
         tm.mark()
         self.opt.step(params, grads)
@@ -228,7 +234,7 @@ def rss_growth_over_steps(side, steps=RSS_STEPS):
 
 def rss_growth_in_fresh_process(side_name, spec, threads):
     """Run rss_growth_over_steps for one side in a new Python process, so neither side inherits the other's heap."""
-    cmd = [sys.executable, "-m", "minidit.bench", "--memory-child", side_name, "--threads", str(threads),
+    cmd = [sys.executable, "-m", "minidit.dev.bench", "--memory-child", side_name, "--threads", str(threads),
            "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
            str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])]
     try:
@@ -292,14 +298,13 @@ def _median_phases(steps):
 
 def bench_config(spec, args):
     """Measure one configuration; prints its block and returns the numbers as a dict."""
-    cfg = get_config(spec["variant"])
-    macs = forward_macs(cfg, spec["input_size"], spec["in_channels"])
+    macs = forward_macs(model_spec(spec))
     train_flops = 3 * 2 * macs  # per image
     N = spec["batch_size"]
     batch = make_batch(spec)
     mini = MiniditSide(spec, args.backend, batch, args.threads)
     xp = mini.xp
-    print(f"== minidit.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
+    print(f"== minidit.dev.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
           f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}"
           f"{'' if xp is np else ' (fused kernels ' + ('on' if args.fused else 'off') + ')'}, "
           f"threads {args.threads} ==")
@@ -416,15 +421,14 @@ def bench_sampling(spec, args):
     Prints seconds per step and the process's peak resident memory (ru_maxrss) after each phase."""
     import resource
 
-    from .sample import generate
-    from .vae import VAE, random_weights
+    from ..sample import generate
+    from ..vae import VAE, random_weights
 
     def peak_gib():  # ru_maxrss is in KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     t0 = time.perf_counter()
-    model = DiT(spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
-                num_classes=spec["num_classes"], backend=args.backend)
+    model = build_model(model_spec(spec).to_dict(), backend=args.backend)
     rng = np.random.default_rng(0)
     for k, v in model.params.items():  # the zero-initialised ones too, so the output is not trivially 0
         if not v.any():
@@ -453,7 +457,7 @@ def bench_sampling(spec, args):
 # command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidit.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m minidit.dev.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                     help="numpy (CPU) or cupy (CUDA); the strict test backend has nothing to time")
@@ -516,7 +520,7 @@ def main(argv=None):
     try:
         get_backend(args.backend)
     except RuntimeError as e:
-        print(f"minidit.bench: backend {args.backend} unavailable: {e}")
+        print(f"minidit.dev.bench: backend {args.backend} unavailable: {e}")
         return 2
     for spec in specs_from_args(args):
         if args.sampling:

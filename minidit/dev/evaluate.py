@@ -1,4 +1,4 @@
-"""An offline sample-quality score for the built-in digits: `python -m minidit.evaluate samples.npz`.
+"""An offline sample-quality score for the built-in digits: `python -m minidit.dev.evaluate samples.npz`.
 
     result = evaluate(images, labels)      # images uint8 (N, 32, 32, C), C = 1 or 3; labels int (N,) in 0..9
     print(format_table(result))
@@ -48,12 +48,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import layers as L
-from .backend import get_xp
-from .checkpoint import CheckpointError, add_prefix, load_checkpoint, save_checkpoint, split_prefix
-from .data import DIGITS_VERSION, default_cache_dir, load_dataset
-from .optim import AdamW
-from .threads import single_threaded_blas
+from .. import layers as L
+from ..xp import get_xp
+from ..checkpoint import CheckpointError, add_prefix, load_checkpoint, save_checkpoint, split_prefix
+from ..data import default_cache_dir, load_dataset
+from ..digits import DIGITS_VERSION
+from ..optim import AdamW
+from ..threads import single_threaded_blas
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -434,7 +435,7 @@ def load_samples_npz(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidit.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m minidit.dev.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("samples", help=".npz with arr_0 (uint8 N x 32 x 32 x C) and labels (N,)")
     args = ap.parse_args(argv)

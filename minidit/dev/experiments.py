@@ -1,11 +1,11 @@
-"""The paper's design studies at small scale: `python -m minidit.experiments conditioning|scaling`.
+"""The paper's design studies at small scale: `python -m minidit.dev.experiments conditioning|scaling`.
 
     conditioning   the four ways of feeding t and the class (--block), one model size (paper Table 4 / Figure 5)
     scaling        several model sizes and patch sizes with adaLN-Zero (paper Figure 2 / Table 4)
 
 Every configuration trains on the same data with the same seed, batch, learning rate and number of steps (through
 minidit.train, so each run is an ordinary run directory that can be resumed or sampled), then draws
---per-class guided samples of every class and scores them with minidit.evaluate (digit classifier accuracy and a
+--per-class guided samples of every class and scores them with minidit.dev.evaluate (digit classifier accuracy and a
 Frechet distance on its features: a check that fits a laptop, not ImageNet FID). It writes, under --out:
 
     <name>/            the run directory of each configuration
@@ -25,16 +25,16 @@ import sys
 
 import numpy as np
 
-from . import train as train_mod
-from .checkpoint import load_checkpoint, load_model
-from .data import to_uint8_nhwc
+from .. import train as train_mod
+from ..checkpoint import load_checkpoint, load_model
+from ..data import to_uint8_nhwc
 from .evaluate import evaluate
-from .model import BLOCK_TYPES
-from .sample import generate
+from ..model import BLOCK_TYPES
+from ..sample import generate
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidit.experiments", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=["conditioning", "scaling"])
     ap.add_argument("--backend", default="numpy", help="numpy, cupy or strict (default numpy)")
@@ -99,7 +99,7 @@ def loss_curve(run_dir, steps):
 
 
 def score(args, run_dir):
-    """Guided samples of every class from the run's EMA weights, scored by minidit.evaluate."""
+    """Guided samples of every class from the run's EMA weights, scored by minidit.dev.evaluate."""
     model = load_model(run_dir, backend=args.backend)
     labels = np.repeat(np.arange(model.num_classes), args.per_class)
     images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.sample_steps,
@@ -113,7 +113,7 @@ def write_table(args, results, path):
              f"digits {args.image_size}x{args.image_size}x{args.channels}, backend {args.backend}",
              "",
              f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM "
-             "steps, EMA weights), classified by minidit.evaluate's digit classifier. Final loss: the mean training "
+             "steps, EMA weights), classified by minidit.dev.evaluate's digit classifier. Final loss: the mean training "
              "loss of the last 5% of the steps (the last point of the curves).",
              "",
              "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "

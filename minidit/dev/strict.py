@@ -8,7 +8,7 @@ CPU-only machine, using NumPy underneath:
   * ``StrictArray`` wraps a numpy array (composition, not a subclass: ``np.asarray`` of an ndarray subclass would
     silently succeed). Implicit conversion to NumPy raises TypeError, with CuPy's message: ``np.asarray(a)``,
     ``np.array([a])``, ``np.sum(a)``, ``np.exp(a)``, ``np.add(a, host)``, ``np.testing.*(a, ...)``.
-    Explicit transfers are fine: ``a.get()``, ``minidit.backend.to_numpy(a)``, ``strict.asnumpy(a)``.
+    Explicit transfers are fine: ``a.get()``, ``minidit.xp.to_numpy(a)``, ``strict.asnumpy(a)``.
   * Mixing with a host array (an ``np.ndarray``, 0-d included) raises TypeError: in arithmetic, in ``xp.*``
     functions, as an index, as an assigned value, as ``out=``. Python and NumPy scalars (``np.float32(2)``) are fine.
   * Reading data on the host is allowed, as CuPy allows it, but each read is a device sync and is counted:
@@ -19,7 +19,7 @@ CPU-only machine, using NumPy underneath:
   * Host -> device copies (``xp.asarray``/``xp.array`` of host data, ``a.set(host)``) are allowed, copy the data
     (as a real transfer does), and are counted the same way (``upload_count()``, ``t.uploads``): on CuPy a copy
     from pageable host memory also makes the host wait for the device.
-  * This module is itself the array module ("xp") of its arrays (``get_xp(a) is minidit.strict``): every numpy
+  * This module is itself the array module ("xp") of its arrays (``get_xp(a) is minidit.dev.strict``): every numpy
     function, ufunc, dtype and constant is reachable as ``strict.<name>``; functions unwrap StrictArray arguments,
     refuse host arrays and wrap their results (full reductions give 0-d arrays, as CuPy's do); ``out=`` writes into
     the StrictArray's buffer. ``asarray``/``array`` accept host data (the explicit host -> device transfer, as
@@ -44,23 +44,23 @@ import types as _types
 
 import numpy as _np
 
-_IMPLICIT = ("Implicit conversion to a NumPy array is not allowed (a minidit.strict array stands for a device "
-             "array, as CuPy's does). Please use `.get()` or `minidit.backend.to_numpy(a)` to construct a NumPy array "
+_IMPLICIT = ("Implicit conversion to a NumPy array is not allowed (a minidit.dev.strict array stands for a device "
+             "array, as CuPy's does). Please use `.get()` or `minidit.xp.to_numpy(a)` to construct a NumPy array "
              "explicitly.")
 
 
 def _mixing(x, where):
     return TypeError(
         f"Unsupported type {type(x)}: mixing host and device arrays ({where}). Move the host array to the device "
-        f"explicitly with minidit.backend.to_device(x, xp) (xp.asarray), or the device array to the host with "
-        f"minidit.backend.to_numpy(a)")
+        f"explicitly with minidit.xp.to_device(x, xp) (xp.asarray), or the device array to the host with "
+        f"minidit.xp.to_numpy(a)")
 
 
 def _numpy_call(name):
     return TypeError(
-        f"numpy.{name} was called on a minidit.strict (device) array: device code calls the array module of its "
-        f"inputs (xp = minidit.backend.get_xp(a); xp.{name}(...)), host code takes its data explicitly with "
-        f"minidit.backend.to_numpy(a)")
+        f"numpy.{name} was called on a minidit.dev.strict (device) array: device code calls the array module of its "
+        f"inputs (xp = minidit.xp.get_xp(a); xp.{name}(...)), host code takes its data explicitly with "
+        f"minidit.xp.to_numpy(a)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _operand(x, where):
         return x
     if isinstance(x, (list, tuple)):
         raise TypeError(f"Unsupported type {type(x)} in {where}: device ufuncs take device arrays and scalars only "
-                        f"(as CuPy's); move host data to the device first with minidit.backend.to_device(x, xp)")
+                        f"(as CuPy's); move host data to the device first with minidit.xp.to_device(x, xp)")
     return None
 
 
@@ -215,12 +215,12 @@ class StrictArray:
     """A device-like array: a numpy array that refuses to meet numpy (see the module docstring).
 
     ``StrictArray(shape, dtype)`` allocates an uninitialised array, like ``cupy.ndarray(shape, dtype)``; arrays are
-    normally made with ``strict.asarray`` / ``strict.zeros`` / ... or ``minidit.backend.to_device(host, strict)``.
+    normally made with ``strict.asarray`` / ``strict.zeros`` / ... or ``minidit.xp.to_device(host, strict)``.
     """
 
     __slots__ = ("_a",)
     __hash__ = None  # mutable, like ndarray
-    __minidit_xp__ = None  # the array module, read by minidit.backend.get_xp; set to this module below
+    __minidit_xp__ = None  # the array module, read by minidit.xp.get_xp; set to this module below
 
     def __init__(self, shape, dtype=float):
         self._a = _np.empty(shape, dtype=dtype)
@@ -371,7 +371,7 @@ class StrictArray:
         self._a[k] = v
 
     def __getattr__(self, name):  # only reached for names the class does not define
-        raise AttributeError(f"'StrictArray' object has no attribute {name!r}: minidit.strict emulates the part of "
+        raise AttributeError(f"'StrictArray' object has no attribute {name!r}: minidit.dev.strict emulates the part of "
                              f"the ndarray API minidit uses; add it to minidit/strict.py (after checking that "
                              f"cupy.ndarray has it)")
 
@@ -505,7 +505,7 @@ def _device_function(name, fn):
         return _wrap(r)
 
     f.__name__ = f.__qualname__ = name
-    f.__doc__ = f"numpy.{name} on minidit.strict arrays (host arrays refused; results are strict arrays)."
+    f.__doc__ = f"numpy.{name} on minidit.dev.strict arrays (host arrays refused; results are strict arrays)."
     return f
 
 
@@ -546,7 +546,7 @@ class _DeviceUfunc:
         return _device_function(f"{self.__name__}.{name}", attr) if callable(attr) else attr
 
     def __repr__(self):
-        return f"<minidit.strict ufunc '{self.__name__}'>"
+        return f"<minidit.dev.strict ufunc '{self.__name__}'>"
 
 
 class _Namespace:
@@ -572,7 +572,7 @@ class Generator:
     def __getattr__(self, name):
         attr = getattr(self._g, name)
         if name.startswith("_") or not callable(attr):
-            raise AttributeError(f"minidit.strict Generator does not emulate {name!r}; it offers numpy Generator's "
+            raise AttributeError(f"minidit.dev.strict Generator does not emulate {name!r}; it offers numpy Generator's "
                                  f"drawing methods (random, standard_normal, integers, ...)")
 
         def draw(*args, **kwargs):
@@ -601,7 +601,7 @@ class _Random:
         return Generator(seed)
 
     def __getattr__(self, name):
-        raise AttributeError(f"minidit.strict.random.{name} is not emulated: device random numbers come from "
+        raise AttributeError(f"minidit.dev.strict.random.{name} is not emulated: device random numbers come from "
                              f"xp.random.default_rng(seed) (minidit.backend.make_rng)")
 
 
@@ -623,20 +623,20 @@ def __getattr__(name):
         value = _DeviceUfunc(obj)
     elif isinstance(obj, type):  # dtypes and scalar types pass through; other classes are host-side machinery
         if not (issubclass(obj, _np.generic) or obj in _PASS_TYPES):
-            raise AttributeError(f"minidit.strict does not emulate numpy.{name} (a class); add it to "
+            raise AttributeError(f"minidit.dev.strict does not emulate numpy.{name} (a class); add it to "
                                  f"minidit/strict.py if device code needs it")
         value = obj
     elif obj is None or isinstance(obj, (bool, int, float, complex)):  # newaxis, pi, e, inf, nan
         value = obj
     elif isinstance(obj, _types.ModuleType):
         if name not in _SUBMODULES:
-            raise AttributeError(f"minidit.strict does not emulate numpy.{name}; it wraps numpy's functions and "
+            raise AttributeError(f"minidit.dev.strict does not emulate numpy.{name}; it wraps numpy's functions and "
                                  f"{', '.join(_SUBMODULES)}, random")
         value = _Namespace(obj, name)
     elif callable(obj) and name not in _HOST_ONLY:
         value = _device_function(name, obj)
     else:
-        raise AttributeError(f"minidit.strict does not emulate numpy.{name}: it works on host data (use numpy with "
-                             f"minidit.backend.to_numpy / to_device at the edges)")
+        raise AttributeError(f"minidit.dev.strict does not emulate numpy.{name}: it works on host data (use numpy with "
+                             f"minidit.xp.to_numpy / to_device at the edges)")
     globals()[name] = value
     return value

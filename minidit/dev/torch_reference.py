@@ -29,10 +29,10 @@ try:
     import torch
     from torch import nn
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError('minidit.torch_reference needs PyTorch: pip install -e ".[torch]"') from e
+    raise ImportError('minidit.dev.torch_reference needs PyTorch: pip install -e ".[torch]"') from e
 
-from .backend import to_numpy
-from .model import get_config
+from ..xp import to_numpy
+from ..model import get_config
 
 
 # ----------------------------------------------------------------------------------------------
