@@ -86,7 +86,10 @@ class DiTSpec:
     def of(cls, spec, **overrides):
         """A DiTSpec from a DiTSpec, a variant name or DiTConfig, or a checkpoint's dict; fields overridden by name."""
         if isinstance(spec, dict):
-            spec = cls(**{k: v for k, v in spec.items() if k != "kind"})
+            fields = {k: v for k, v in spec.items() if k != "kind"}
+            if isinstance(fields.get("variant"), dict):  # a custom size, stored as its DiTConfig fields
+                fields["variant"] = DiTConfig(**fields["variant"])
+            spec = cls(**fields)
         elif not isinstance(spec, cls):
             spec = cls(variant=spec)
         return dataclasses.replace(spec, **overrides) if overrides else spec

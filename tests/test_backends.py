@@ -215,7 +215,8 @@ def test_generate_matches_numpy_and_syncs_once(device_backend, sampler):
     labels = [1, 2, 2]
     opts = dict(cfg_scale=4.0, sampler=sampler, seed=5, progress=False)
     dtype = COMPARE_DTYPE[device_backend]
-    ref = generate(make_model("numpy", seed=3, dtype=dtype), labels, num_sampling_steps=3, **opts)
+    ref = generate(make_model("numpy", seed=3, dtype=dtype), labels, num_sampling_steps=3, threads=1,
+                   **opts)  # one shard, as the device runs it: the same float sums, so strict matches to rounding
     model = make_model(device_backend, seed=3, dtype=dtype)
     if device_backend == "strict":
         generate(model, labels, num_sampling_steps=3, **opts)  # first use: the model's constant tables move once
@@ -301,7 +302,7 @@ def test_float32_everywhere(backend):
     assert len(cached) > 50
     for a in cached:
         assert get_xp(a) is xp, f"a {type(a).__name__} in the cache of a {backend} model"
-        assert a.dtype == np.float32 or a is cache.y_emb.labels, f"cache array {a.shape} is {a.dtype}"
+        assert a.dtype == np.float32 or a is cache.y_embedder.labels, f"cache array {a.shape} is {a.dtype}"
     for name, a in [("out", out), ("loss", loss), ("dout", dout), *terms.items(), *grads.items()]:
         assert get_xp(a) is xp and a.dtype == np.float32, f"{name} is {a.dtype}"
     assert set(grads) == set(model.trainable())
@@ -359,7 +360,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_strict_refuses_host_arrays(a, name):
-    with pytest.raises(TypeError, match=r"minidit\.backend\.to_(numpy|device)"):  # each message names the fix
+    with pytest.raises(TypeError, match=r"minidit\.xp\.to_(numpy|device)"):  # each message names the fix
         REFUSED[name](a)
 
 

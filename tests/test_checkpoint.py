@@ -1,4 +1,4 @@
-"""Checkpoint files: round trip, atomic writes, clear errors, no pickles; RNG state through JSON."""
+"""Checkpoint files: round trip, atomic writes, clear errors, no pickles; the format: specs, versions, old files."""
 import json
 import os
 import pickle
@@ -11,9 +11,7 @@ from minidit import checkpoint as ckpt
 from minidit.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     split_prefix,
     split_state,
 )
@@ -171,19 +169,18 @@ def test_split_state():
 
 
 def test_training_state_through_a_checkpoint(tmp_path):
-    """model + EMA + AdamW + RNG saved mid-run and resumed gives bit-identical continuation."""
+    """model + EMA + AdamW saved mid-run and resumed gives bit-identical continuation."""
     rng = np.random.default_rng(5)
     params = {"w": rng.standard_normal((3, 4)).astype(np.float32), "pos_embed": np.ones((1, 2), np.float32)}
     opt = AdamW(params, lr=1e-2, weight_decay=0.01)
     ema = EMA(params, decay=0.9, warmup=True)
-    gen = np.random.default_rng(9)
 
-    def train_step(params, opt, ema, gen):
-        opt.step(params, {"w": gen.standard_normal((3, 4)).astype(np.float32)})
+    def train_step(params, opt, ema, step):  # stateless randomness, as minidit.train's: step k draws from (0, k)
+        opt.step(params, {"w": np.random.default_rng([0, step]).standard_normal((3, 4)).astype(np.float32)})
         ema.update(params)
 
-    for _ in range(3):
-        train_step(params, opt, ema, gen)
+    for step in range(3):
+        train_step(params, opt, ema, step)
     opt_arrays, opt_scalars = split_state(opt.state_dict())
     ema_arrays, ema_scalars = split_state(ema.state_dict())
     arrays = {
@@ -191,61 +188,73 @@ def test_training_state_through_a_checkpoint(tmp_path):
         **ckpt.add_prefix(ema_arrays, "ema."),
         **ckpt.add_prefix(opt_arrays, "opt."),
     }
-    meta = {"step": 3, "opt": opt_scalars, "ema": ema_scalars, "rng": rng_state(gen)}
+    meta = {"step": 3, "opt": opt_scalars, "ema": ema_scalars}
     save_checkpoint(tmp_path / "0000003.npz", arrays, meta)
 
-    for _ in range(2):
-        train_step(params, opt, ema, gen)
+    for step in range(3, 5):
+        train_step(params, opt, ema, step)
 
     arrays, meta = load_checkpoint(tmp_path / "0000003.npz")
     params2 = split_prefix(arrays, "model.")
-    opt2, ema2, gen2 = AdamW(params2), EMA(params2), np.random.default_rng(0)
+    opt2, ema2 = AdamW(params2), EMA(params2)
     opt2.load_state_dict({**split_prefix(arrays, "opt."), **meta["opt"]})
     ema2.load_state_dict({**split_prefix(arrays, "ema."), **meta["ema"]})
-    set_rng_state(gen2, meta["rng"])
-    for _ in range(2):
-        train_step(params2, opt2, ema2, gen2)
+    for step in range(meta["step"], 5):
+        train_step(params2, opt2, ema2, step)
     for k in params:
         np.testing.assert_array_equal(params2[k], params[k])
         np.testing.assert_array_equal(ema2.params[k], ema.params[k])
         assert params2[k].dtype == np.float32
 
 
-# ---------------------------------------------------------------- RNG state
+# ---------------------------------------------------------------- the format: specs and versions
+def tiny_spec(**kw):
+    from minidit.model import DiTConfig, DiTSpec
+
+    return DiTSpec(DiTConfig(2, 16, 2, 2), input_size=4, in_channels=1, num_classes=3, **kw)
 
 
-def test_rng_state_round_trip_through_json():
-    gen = np.random.default_rng(12345)
-    gen.standard_normal(7)
-    state = rng_state(gen)
-    text = json.dumps(state)
-    # the 128-bit PCG64 words survive any JSON reader: written as strings, not float-prone numbers
-    assert isinstance(state["state"]["state"], dict) and "__bigint__" in state["state"]["state"]
-    want = gen.standard_normal(5)
-    other = np.random.default_rng(0)
-    set_rng_state(other, json.loads(text))
-    np.testing.assert_array_equal(other.standard_normal(5), want)
-    assert other.bit_generator.state == gen.bit_generator.state
+@pytest.mark.parametrize("block", ["adaln-zero", "in-context"])
+def test_training_checkpoint_rebuilds_the_model_from_its_spec(tmp_path, block):
+    """save_training stores the spec; load() rebuilds the same class with the same weights, and the objective."""
+    from minidit.diffusion import Diffusion
+
+    spec = tiny_spec(block=block, learn_sigma=False)
+    model = ckpt.build_model(spec.to_dict(), seed=1)
+    objective = Diffusion("", learn_sigma=False)
+    opt, ema = AdamW(model.params), EMA(model.params)
+    ckpt.save_training(tmp_path / "c.npz", model=model, objective=objective, opt=opt, ema=ema, step=7,
+                       args={"seed": 1}, class_names=["a", "b", "c"])
+    loaded, obj, meta = ckpt.load(tmp_path / "c.npz", ema=False)
+    assert type(loaded) is type(model) and loaded.spec == spec and meta["step"] == 7
+    assert obj.spec() == objective.spec() and obj.learn_sigma is False
+    for k in model.params:
+        np.testing.assert_array_equal(loaded.params[k], model.params[k])
+    states, meta = ckpt.read_training(tmp_path / "c.npz")
+    assert set(states) == {"model", "ema", "opt"} and meta["class_names"] == ["a", "b", "c"]
 
 
-def test_rng_state_other_bit_generators_and_errors():
-    gen = np.random.Generator(np.random.MT19937(3))  # state holds a uint32 array
-    gen.random(3)
-    state = json.loads(json.dumps(rng_state(gen)))
-    want = gen.integers(0, 2**62, size=4)
-    other = np.random.Generator(np.random.MT19937(0))
-    set_rng_state(other, state)
-    np.testing.assert_array_equal(other.integers(0, 2**62, size=4), want)
-    with pytest.raises(ValueError, match="MT19937.*PCG64"):
-        set_rng_state(np.random.default_rng(0), state)
-    with pytest.raises(TypeError, match="numpy.random.Generator"):
-        rng_state(np.random.RandomState(0))
+def test_checkpoints_of_the_previous_format_still_load(tmp_path):
+    """A "minidit-train-1" file (no model kind, no objective, maybe no block) loads as the DiT it describes."""
+    model = ckpt.build_model(tiny_spec().to_dict(), seed=2)
+    old_model_meta = {k: v for k, v in model.spec.to_dict().items() if k not in ("kind", "block")}
+    save_checkpoint(tmp_path / "old.npz", ckpt.add_prefix(model.params, "ema.params."),
+                    {"format": "minidit-train-1", "model": old_model_meta, "step": 3})
+    loaded, objective, _ = ckpt.load(tmp_path / "old.npz")
+    assert loaded.spec == model.spec and objective.kind == "ddpm" and objective.learn_sigma
+    for k in model.params:
+        np.testing.assert_array_equal(loaded.params[k], model.params[k])
 
 
-def test_rng_state_in_checkpoint_meta(tmp_path):
-    gen = np.random.default_rng(2**70 + 5)
-    save_checkpoint(tmp_path / "r.npz", {}, {"rng": rng_state(gen)})
-    _, meta = load_checkpoint(tmp_path / "r.npz")
-    other = np.random.default_rng(1)
-    set_rng_state(other, meta["rng"])
-    np.testing.assert_array_equal(other.random(4), gen.random(4))
+def test_unknown_format_and_kind_are_named(tmp_path):
+    save_checkpoint(tmp_path / "v9.npz", {}, {"format": "minidit-9"})
+    with pytest.raises(CheckpointError, match="format 'minidit-9'.*reads 'minidit-2'"):
+        ckpt.load(tmp_path / "v9.npz")
+    save_checkpoint(tmp_path / "k.npz", {"ema.params.x": np.zeros(1)},
+                    {"format": ckpt.FORMAT, "model": {"kind": "unet"}, "objective": {"kind": "ddpm"}})
+    with pytest.raises(CheckpointError, match="unknown model kind 'unet'"):
+        ckpt.load(tmp_path / "k.npz")
+    save_checkpoint(tmp_path / "w.npz", {"ema.params.x": np.zeros(1)},
+                    {"format": ckpt.FORMAT, "model": tiny_spec().to_dict(), "objective": {"kind": "ddpm"}})
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        ckpt.read_training(tmp_path / "w.npz")

@@ -51,10 +51,11 @@ def test_kernels_run_only_when_enabled(cp):
 def test_layernorm(cp, shape, dtype):
     x = randn(cp, shape, dtype, scale=3.0) + 2.0  # a non-zero mean, so the centring matters
     dxhat = randn(cp, shape, dtype, seed=1)
-    xhat, cache = L.layernorm_forward(x)
-    xhat_ref, cache_ref = L.layernorm_forward.reference(x)
+    xhat, rstd = L.layernorm(x, 1e-6)
+    xhat_ref, rstd_ref = L.layernorm.reference(x, 1e-6)
     check_close("layernorm xhat", xhat, xhat_ref, dtype)
-    check_close("layernorm rstd", cache.rstd, cache_ref.rstd, dtype)
+    check_close("layernorm rstd", rstd, rstd_ref, dtype)
+    cache, cache_ref = L.LayerNormCache(xhat, rstd), L.LayerNormCache(xhat_ref, rstd_ref)
     check_close("layernorm dx", L.layernorm_backward(dxhat, cache), L.layernorm_backward.reference(dxhat, cache_ref),
                 dtype)
 
@@ -64,8 +65,8 @@ def test_layernorm(cp, shape, dtype):
 def test_softmax(cp, shape, dtype):
     s = randn(cp, shape, dtype, scale=30.0)  # large logits: the max shift must hold exp in range
     da = randn(cp, shape, dtype, seed=1)
-    a, _ = L.softmax_forward(s)
-    a_ref, _ = L.softmax_forward.reference(s)
+    a = L.softmax(s)
+    a_ref = L.softmax.reference(s)
     check_close("softmax a", a, a_ref, dtype)
     check_close("softmax ds", L.softmax_backward(da, a), L.softmax_backward.reference(da, a_ref), dtype)
 
@@ -73,8 +74,8 @@ def test_softmax(cp, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rowwise_kernels_read_strided_views(cp, dtype):
     x = randn(cp, (6, 40, 24), dtype).transpose(0, 2, 1)  # (6, 24, 40), last axis not contiguous
-    check_close("softmax of a view", L.softmax_forward(x)[0], L.softmax_forward.reference(x)[0], dtype)
-    check_close("layernorm of a view", L.layernorm_forward(x)[0], L.layernorm_forward.reference(x)[0], dtype)
+    check_close("softmax of a view", L.softmax(x), L.softmax.reference(x), dtype)
+    check_close("layernorm of a view", L.layernorm(x, 1e-6)[0], L.layernorm.reference(x, 1e-6)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,19 +91,17 @@ def test_gelu(cp, dtype):
     x = randn(cp, (3, 17, 96), dtype, scale=3.0)
     dy = randn(cp, x.shape, dtype, seed=1)
     y, cache = L.gelu_forward(x)
-    y_ref, cache_ref = L.gelu_forward.reference(x)
-    check_close("gelu y", y, y_ref, dtype)
-    assert cache.x is x and cache_ref.x is x  # the cache is the input alone; both backwards recompute tanh
-    check_close("gelu dx", L.gelu_backward(dy, cache), L.gelu_backward.reference(dy, cache_ref), dtype)
+    check_close("gelu y", y, L.gelu.reference(x), dtype)
+    assert cache.x is x  # the cache is the input alone; both backwards recompute tanh
+    check_close("gelu dx", L.gelu_backward(dy, cache), L.gelu_backward.reference(dy, cache), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_modulate_and_gated_residual(cp, dtype):
     x, h = randn(cp, (3, 10, 48), dtype), randn(cp, (3, 10, 48), dtype, seed=1)
     a, b = randn(cp, (3, 48), dtype, seed=2), randn(cp, (3, 48), dtype, seed=3)
-    check_close("modulate", L.modulate_forward(x, a, b)[0], L.modulate_forward.reference(x, a, b)[0], dtype)
-    check_close("gated residual", L.gated_residual_forward(x, a, h)[0],
-                L.gated_residual_forward.reference(x, a, h)[0], dtype)
+    check_close("modulate", L.modulate(x, a, b), L.modulate.reference(x, a, b), dtype)
+    check_close("gated residual", L.gated_residual(x, a, h), L.gated_residual.reference(x, a, h), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

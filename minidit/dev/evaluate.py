@@ -156,7 +156,7 @@ def predict(params, x, batch_size=2000):
     probs, feats = [], []
     for i in range(0, len(x), batch_size):
         logits, cache = classifier_forward(params, x[i:i + batch_size])
-        p, _ = L.softmax_forward(logits)
+        p = L.softmax(logits)
         probs.append(p.astype(np.float64))
         feats.append(cache.head.x.astype(np.float64))
     if not probs:

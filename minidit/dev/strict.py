@@ -118,11 +118,11 @@ def no_syncs():
         _forbidding[0] -= 1
 
 
-_SKIP_FILES = (__file__, _os.path.join(_os.path.dirname(__file__), "backend.py"))
+_SKIP_FILES = (__file__, _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "xp.py"))
 
 
 def _where():
-    """file:line (function) of the first caller outside this module and backend.py (to_numpy, to_device)."""
+    """file:line (function) of the first caller outside this module and xp.py (to_numpy, to_device)."""
     f = _sys._getframe(1)
     while f is not None and f.f_code.co_filename in _SKIP_FILES:
         f = f.f_back
