@@ -16,8 +16,11 @@ The mainline, in reading order (each module imports only the ones before it):
     gradcheck     central differences for the tests and notebooks
     digits, data  the built-in digits; datasets; image output
     checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
-    sample, train python -m minidit.sample / python -m minidit.train
-    vae, encode, convert   the latent pipeline and official checkpoints
+    vae           the Stable Diffusion VAE (forward only) and a safetensors reader
+    sample        python -m minidit.sample
+    train         python -m minidit.train
+    encode        python -m minidit.encode: an image folder -> the VAE latents DiT trains on
+    convert       python -m minidit.convert: official DiT .pt checkpoints -> minidit's format
 
 minidit.dev holds what checks and measures it (strict backend, PyTorch reference, bench, evaluate, experiments).
 """

@@ -1,5 +1,6 @@
-"""The official DiT in PyTorch eager, written from the facts (dit-facts.md sections 1, 3.7, 5): a reference to test
-minidit against and to time it against. Not used by minidit itself; needs `pip install -e ".[torch]"`.
+"""The official DiT in PyTorch eager, written from the facts (docs/dit-facts.md: facebookresearch/DiT models.py and
+diffusion/): a reference to test minidit against and to time it against. Not used by minidit itself; needs
+`pip install -e ".[torch]"`.
 
     tm = build_torch_dit(model, torch.float64)     # same architecture and weights as a minidit DiT
     out = tm(x, t, y)                               # (N, C, H, W), (N,), (N,) -> (N, C_out, H, W)
@@ -17,11 +18,19 @@ What differs, on purpose:
   * forward() takes an optional force_drop_ids (the official forward reaches it only through y_embedder);
   * the diffusion tables are cast to the input's dtype (official: always .float()), so float64 stays float64.
 
+It also writes the test fixture that checks minidit against this reference without torch (llm.c's
+gpt2_124M_debug_state.bin):
+
+    python -m minidit.dev.torch_reference --write-fixture tests/fixtures/tiny_dit_f64.npz
+
 Torch is imported at the top of this module: import the module only where torch is wanted (minidit's core never does).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 
 import numpy as np
 
@@ -32,7 +41,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('minidit.dev.torch_reference needs PyTorch: pip install -e ".[torch]"') from e
 
 from ..xp import to_numpy
-from ..model import get_config
+from ..model import DiTConfig, get_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,4 +363,97 @@ def update_ema(ema_model, model, decay=0.9999):
         ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
-__all__ = ["TorchDiT", "build_torch_dit", "TorchDiffusion", "update_ema"]
+# ----------------------------------------------------------------------------------------------
+# The fixture: a tiny float64 DiT at random parameters, everything the tests compare, written by this reference
+# ----------------------------------------------------------------------------------------------
+FIXTURE = dict(depth=2, hidden_size=8, num_heads=2, patch_size=2, input_size=8, in_channels=3, num_classes=5)
+FIXTURE_STEPS, FIXTURE_LR, FIXTURE_WD = 5, 1e-3, 0.01
+
+
+def numpy_sinusoid(t, dim, max_period=10000):
+    """The official TimestepEmbedder.timestep_embedding in float32 NumPy: torch's and NumPy's float32 exp and cos
+    differ by an ulp (up to ~6e-5 in the embedding at t ~ 1000), so the fixture fixes NumPy's, and what it checks
+    is everything after the sinusoid. t: a torch tensor; returns a float32 torch tensor (N, dim)."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half)
+    args = t.numpy().astype(np.float32)[:, None] * freqs[None]
+    emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
+    return torch.from_numpy(emb)
+
+
+def write_fixture(path, seed=0):
+    """Inputs, weights, output, loss terms, d loss / d output, every parameter gradient and the input gradient of a
+    tiny float64 DiT at random parameters, and the losses of FIXTURE_STEPS torch.optim.AdamW steps on that batch."""
+    c = FIXTURE
+    cfg = DiTConfig(c["depth"], c["hidden_size"], c["num_heads"], c["patch_size"])
+    rng = np.random.default_rng(seed)
+    tm = TorchDiT(cfg, input_size=c["input_size"], in_channels=c["in_channels"], num_classes=c["num_classes"])
+    tm = tm.double().eval()  # eval: no random label dropout (the null class is given as a label instead)
+    with torch.no_grad():  # random parameters: at the adaLN-Zero init almost every gradient is exactly zero
+        for name, p in tm.named_parameters():
+            if name != "pos_embed":
+                std = 0.1 if p.ndim == 1 else 1.0 / math.sqrt(math.prod(p.shape[1:]))
+                p.copy_(torch.from_numpy(rng.normal(0.0, std, size=tuple(p.shape))))
+    params = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
+    N, C, S = 4, c["in_channels"], c["input_size"]
+    x0 = rng.uniform(-1, 1, size=(N, C, S, S))
+    x0[0, 0, 0, :2] = [-1.0, 1.0]  # pixels at both edges of [-1, 1]: the t = 0 likelihood's open bins
+    noise = rng.standard_normal((N, C, S, S))
+    t = np.array([0, 1, 500, 999])  # t = 0 and t > 0: both branches of the variational bound
+    y = np.array([0, c["num_classes"], 2, 2])  # the null class and a repeated label
+    saved = TimestepEmbedder.timestep_embedding
+    TimestepEmbedder.timestep_embedding = staticmethod(numpy_sinusoid)
+    try:
+        diffusion = TorchDiffusion()
+        tt, ty, tx0, tnoise = (torch.from_numpy(a) for a in (t, y, x0, noise))
+        x_t = diffusion.q_sample(tx0, tt, tnoise)
+        x_in = x_t.clone().requires_grad_(True)  # the network's input: its gradient is the one through the network
+        out = tm(x_in, tt, ty)
+        out.retain_grad()
+        terms = diffusion.losses_from_output(out, tx0, x_t, tt, tnoise)
+        loss = terms["loss"].mean()
+        loss.backward()
+        grads = {f"grad.{k}": p.grad.numpy().copy() for k, p in tm.named_parameters() if p.requires_grad}
+        arrays = {"x0": x0, "noise": noise, "t": t, "y": y, "x_t": x_t.detach().numpy(), "out": out.detach().numpy(),
+                  "dout": out.grad.numpy(), "dx_t": x_in.grad.numpy(), "loss": loss.detach().numpy(),
+                  **{f"terms.{k}": v.detach().numpy() for k, v in terms.items()},
+                  **{f"param.{k}": v for k, v in params.items()}, **grads}
+        tm.zero_grad()
+        opt = torch.optim.AdamW(tm.parameters(), lr=FIXTURE_LR, weight_decay=FIXTURE_WD)
+        losses = []
+        for _ in range(FIXTURE_STEPS):  # the same batch every step, as llm.c's expected_losses
+            opt.zero_grad()
+            step_loss = diffusion.training_losses(tm, tx0, tt, {"y": ty}, tnoise)["loss"].mean()
+            step_loss.backward()
+            opt.step()
+            losses.append(step_loss.item())
+        arrays["losses"] = np.array(losses)
+    finally:
+        TimestepEmbedder.timestep_embedding = saved
+    meta = dict(c, steps=FIXTURE_STEPS, lr=FIXTURE_LR, weight_decay=FIXTURE_WD, seed=seed, torch=torch.__version__,
+                written_by="python -m minidit.dev.torch_reference --write-fixture")
+    arrays["meta"] = np.array(json.dumps(meta))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidit.dev.torch_reference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write-fixture", metavar="PATH", required=True,
+                    help="write the float64 reference fixture (tests/fixtures/tiny_dit_f64.npz) to PATH")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    arrays = write_fixture(args.write_fixture, args.seed)
+    n = sum(1 for k in arrays if k.startswith("param."))
+    print(f"wrote {args.write_fixture} ({os.path.getsize(args.write_fixture) / 1024:.0f} KiB): {n} parameters, "
+          f"loss {float(arrays['loss']):.6f}, {FIXTURE_STEPS} AdamW losses {np.round(arrays['losses'], 6).tolist()}")
+
+
+__all__ = ["TorchDiT", "build_torch_dit", "TorchDiffusion", "update_ema", "write_fixture"]
+
+if __name__ == "__main__":
+    main()
