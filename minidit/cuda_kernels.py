@@ -4,8 +4,9 @@ Each function here is registered with ``@kernel_for(reference)`` as the kernel o
 same name and signature (in minidit.layers or minidit.optim), marked ``xp.fused``: NumPy and the strict test backend
 always run that reference; CuPy runs the kernel below unless fused kernels are switched off
 (``MINIDIT_FUSED_KERNELS=0`` in the environment, or ``xp.set_fused_kernels(False)``). Importing this module registers
-them (``backend.get_backend("cupy")`` does). Kernels return arrays and read caches; the caches are built in layers. tests/test_cuda_kernels.py checks every kernel against its reference
-on a GPU, in float32 and float64. The formulas are written next to the references; here only how.
+them (``backend.get_backend("cupy")`` does). Kernels return arrays and read caches; the caches are built in layers.
+tests/test_cuda_kernels.py checks every kernel against its reference on a GPU, in float32 and float64. The formulas
+are written next to the references; here only how.
 
 Why they pay: on a GPU the composed array code is bound by memory traffic, not arithmetic. The tanh-GELU
 forward, for example, is six elementwise passes over the (N, T, 4D) activation in array code and one here.

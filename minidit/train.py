@@ -94,6 +94,12 @@ RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample
                     "backend", "final_samples", "threads")
 
 
+def model_spec(args, data):
+    """The spec (checkpoint.build_model's input) of the model the options describe, sized to the data."""
+    return DiTSpec(args.variant, data.image_size, data.channels, data.num_classes, args.learn_sigma,
+                   args.class_dropout_prob, args.block).to_dict()
+
+
 class Run:
     """Everything a training run owns: data, model, objective, optimizer, EMA; `save` / `load` are the checkpoint
     round trip (minidit.checkpoint)."""
@@ -105,9 +111,7 @@ class Run:
         if args.image_size is None:  # resolved once and saved, like the learning rate below
             args.image_size = 16 if args.data == "digits" else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
-        spec = DiTSpec(args.variant, self.data.image_size, self.data.channels, self.data.num_classes,
-                       args.learn_sigma, args.class_dropout_prob, args.block)
-        self.model = build_model(spec.to_dict(), seed=args.seed, backend=args.backend)
+        self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
         self.objective = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4

@@ -4,8 +4,9 @@ diffusers' DiT is a re-implementation with its own layout, and it differs from t
 two details, both pinned here:
 
   1. The timestep sinusoid. diffusers builds it with Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1),
-     i.e. frequencies exp(-ln(10000) i / (half - 1)); the official code divides by half (dit-facts 1.3). At t = 999
-     that changes the embedding by O(1), so the same weights give a different network.
+     i.e. frequencies exp(-ln(10000) i / (half - 1)); the official code divides by half (models.py:
+     TimestepEmbedder.timestep_embedding). At t = 999 that changes the embedding by O(1), so the same weights give a
+     different network.
   2. The LayerNorm eps: diffusers' default norm_eps is 1e-5, the official DiT uses 1e-6.
 
 Layout (not a difference in the function): every diffusers block holds its own copy of the timestep and label

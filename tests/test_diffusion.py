@@ -1,4 +1,4 @@
-"""Tests of minidit.diffusion against the official DiT diffusion (shared/reference/dit-facts.md sections 3-4).
+"""Tests of minidit.diffusion against the official DiT diffusion (facebookresearch/DiT diffusion/: docs/dit-facts.md).
 
 Reference figures come from the facts file; gradients are checked by central differences in float64.
 """

@@ -222,3 +222,43 @@ def test_pos_embed_layout():
     omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
     np.testing.assert_allclose(pe[n, :D // 2], np.r_[np.sin(3 * omega), np.cos(3 * omega)])  # column first
     np.testing.assert_allclose(pe[n, D // 2:], np.r_[np.sin(2 * omega), np.cos(2 * omega)])  # then row
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), S=st.integers(1, 3), NH=st.integers(1, 2),
+       hs=st.integers(1, 3))
+def test_the_pieces_compose_a_joint_attention(seed, N, T, S, NH, hs):
+    """The design test of the shared pieces: MM-DiT's joint attention (two token streams, each with its own qkv and
+    output weights, one softmax over both) is qkv_forward per stream, attend_forward over the concatenated tokens,
+    and linear_forward per stream; its backward is the same calls in reverse. No block code is copied."""
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+
+    def forward(x, c, wx, bx, wc, bc, px, pbx, pc, pbc):
+        (qx, kx, vx), qkv_x = L.qkv_forward(x, wx, bx, NH)  # image stream (N, NH, T, hs) each
+        (qc, kc, vc), qkv_c = L.qkv_forward(c, wc, bc, NH)  # text stream (N, NH, S, hs) each
+        cat = lambda a, b: np.concatenate([a, b], axis=2)  # noqa: E731  tokens: (N, NH, T + S, hs)
+        y, attend = L.attend_forward(cat(qx, qc), cat(kx, kc), cat(vx, vc))
+        out_x, proj_x = L.linear_forward(L.merge_heads(y[:, :, :T]), px, pbx)
+        out_c, proj_c = L.linear_forward(L.merge_heads(y[:, :, T:]), pc, pbc)
+        return np.concatenate([out_x, out_c], axis=1), (qkv_x, qkv_c, attend, proj_x, proj_c)
+
+    def backward(dout, cache):
+        qkv_x, qkv_c, attend, proj_x, proj_c = cache
+        dyx, dpx, dpbx = L.linear_backward(dout[:, :T], proj_x)
+        dyc, dpc, dpbc = L.linear_backward(dout[:, T:], proj_c)
+        dy = np.concatenate([L.split_heads(dyx, NH), L.split_heads(dyc, NH)], axis=2)
+        dq, dk, dv = L.attend_backward(dy, attend)
+        dx, dwx, dbx = L.qkv_backward(dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], qkv_x)
+        dc, dwc, dbc = L.qkv_backward(dq[:, :, T:], dk[:, :, T:], dv[:, :, T:], qkv_c)
+        return dx, dc, dwx, dbx, dwc, dbc, dpx, dpbx, dpc, dpbc
+
+    inputs = dict(x=randn(rng, N, T, D), c=randn(rng, N, S, D), wx=randn(rng, 3 * D, D, scale=0.5),
+                  bx=randn(rng, 3 * D), wc=randn(rng, 3 * D, D, scale=0.5), bc=randn(rng, 3 * D),
+                  px=randn(rng, D, D), pbx=randn(rng, D), pc=randn(rng, D, D), pbc=randn(rng, D))
+    check((forward, backward), list(inputs), inputs, rng)
+    # with one stream's weights used for both, it is self-attention over the concatenated tokens
+    same = dict(inputs, wc=inputs["wx"], bc=inputs["bx"], pc=inputs["px"], pbc=inputs["pbx"])
+    joint, _ = forward(**same)
+    whole, _ = L.attention_forward(np.concatenate([same["x"], same["c"]], axis=1), same["wx"], same["bx"],
+                                   same["px"], same["pbx"], NH)
+    np.testing.assert_allclose(joint, whole, rtol=1e-10, atol=1e-10)

@@ -1,4 +1,4 @@
-"""minidit vs an independent PyTorch eager DiT (minidit/torch_reference.py, written from dit-facts.md), llm.c style.
+"""minidit vs an independent PyTorch eager DiT (minidit/dev/torch_reference.py, from docs/dit-facts.md), llm.c-style.
 
 At random (non-zero) parameters: the forward output, EVERY parameter gradient and the input gradient for the same
 random dout, tensor by tensor; the training loss and d loss / d output; a few whole training steps (AdamW + EMA).
@@ -99,7 +99,8 @@ def compare_forward_backward(model, tm, table, x, t, y, force_drop_ids=None, rng
 
 
 def test_reference_model_is_the_official_layout():
-    """Names, order, shapes as dit-facts section 5; 0 buffers; pos_embed and zero output at init as minidit."""
+    """Names, order, shapes of the official state_dict (docs/dit-facts.md); 0 buffers; pos_embed and zero output at
+    init as minidit."""
     ref = tr.TorchDiT("S/2")
     sd = ref.state_dict()
     assert [(k, tuple(v.shape)) for k, v in sd.items()] == list(param_shapes(DiT("S/2").config).items())

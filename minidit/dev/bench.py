@@ -42,7 +42,7 @@ from ..optim import EMA, AdamW
 from ..threads import data_parallel
 from ..xp import set_fused_kernels, to_device
 
-PRESETS = {  # the configurations of the speed issue
+PRESETS = {  # the configurations measured in docs/performance.md
     "small": dict(variant="mini/4", input_size=32, in_channels=3, num_classes=10, batch_size=32),
     "s4": dict(variant="S/4", input_size=32, in_channels=4, num_classes=1000, batch_size=16),
     "s2": dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, batch_size=8),
