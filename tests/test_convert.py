@@ -91,3 +91,6 @@ def test_convert_errors(tmp_path):
     torch.save({"ema": Evil()}, evil)
     with pytest.raises(SystemExit, match="cannot be read safely|weights_only"):
         convert_main([str(evil), str(tmp_path / "o.npz")])
+    with pytest.raises(SystemExit, match=r"must be an \.npz file.*o\.npz'"):  # writes what the name says, or refuses
+        convert_main([str(broken), str(tmp_path / "o.safetensors")])
+    assert not (tmp_path / "o.safetensors").exists()
