@@ -14,6 +14,7 @@ The mainline, in reading order (each module imports only the ones before it):
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     gradcheck     central differences for the tests and notebooks
+    cli           what the commands share: flag types, output paths checked first, one-line errors
     digits, data  the built-in digits; datasets; image output
     checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader

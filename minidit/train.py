@@ -25,8 +25,15 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+try:
+    import fcntl  # POSIX file locks for the run folder
+except ImportError:  # pragma: no cover - Windows: no lock
+    fcntl = None
+
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
 from .checkpoint import CKPT_NAME, build_model, checkpoint_file, read_training, save_training
+from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
+                  sampling_steps, unit_interval)
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
 from .model import BLOCK_TYPES, DiTSpec, get_config
@@ -48,38 +55,42 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="digits",
                     help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
-    ap.add_argument("--image-size", type=int, default=None,
+    ap.add_argument("--image-size", type=positive_int, default=None,
                     help="image side in pixels (default: 16 for the built-in digits, the CPU demo; 32 for a folder; "
                          "latents keep their own)")
     ap.add_argument("--channels", type=int, choices=(1, 3), default=1,
                     help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per step (the paper: 256)")
-    ap.add_argument("--steps", type=int, default=7000, help="training steps (ignored if --epochs is given)")
-    ap.add_argument("--epochs", type=int, default=None, help="train for this many passes over the data instead")
-    ap.add_argument("--lr", type=float, default=None,
+    ap.add_argument("--batch-size", type=positive_int, default=64, help="images per step (the paper: 256)")
+    ap.add_argument("--steps", type=positive_int, default=7000, help="training steps (ignored if --epochs is given)")
+    ap.add_argument("--epochs", type=positive_int, default=None,
+                    help="train for this many passes over the data instead")
+    ap.add_argument("--lr", type=positive_float, default=None,
                     help="AdamW learning rate, constant (default: the paper's 1e-4 for the official variants, "
                          "1e-3 for the mini variants, whose short CPU runs need it)")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (paper: 0.9999)")
+    ap.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    ap.add_argument("--ema-decay", type=unit_interval, default=0.9999, help="EMA decay (paper: 0.9999)")
     ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="use decay min(ema_decay, (1+n)/(10+n)) at update n, so a short run's EMA is usable")
     ap.add_argument("--block", choices=BLOCK_TYPES, default="adaln-zero",
                     help="how t and the class reach the blocks: the paper's four designs (Table 4)")
-    ap.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for guidance")
+    ap.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for guidance")
     ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                     help="learn the variance (output 2C channels, loss MSE + VLB)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="numpy backend: CPU threads, each running one shard of the batch (minidit.threads); default: "
                          "every core. Results are reproducible for a given count (it changes float summation order)")
     ap.add_argument("--out", default="runs/default", help="run directory: checkpoint, log, metrics, samples")
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--ckpt-every", type=int, default=500)
-    ap.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: at the end only)")
+    ap.add_argument("--log-every", type=positive_int, default=100)
+    ap.add_argument("--ckpt-every", type=positive_int, default=500)
+    ap.add_argument("--sample-every", type=nonnegative_int, default=0,
+                    help="write an EMA sample grid every N steps (0: at the end only)")
     ap.add_argument("--final-samples", action=argparse.BooleanOptionalAction, default=True,
                     help="write the EMA sample grid samples.png at the end")
-    ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the grids written while training")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grids written while training")
+    ap.add_argument("--sample-steps", type=sampling_steps, default=50,
+                    help="DDPM steps of the grids written while training")
+    ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
+                    help="guidance scale of the grids written while training")
     ap.add_argument("--resume", default=None,
                     help="a checkpoint (or run directory) to continue from; the other options are taken from it")
     args = ap.parse_args(argv)
@@ -176,6 +187,53 @@ def resolve_resume(args, explicit):
     return argparse.Namespace(**saved), path
 
 
+LOCK_NAME = ".lock"  # held by the training that writes into a run folder; the OS releases it when the process ends
+
+
+def claim_run_folder(out, resume_path=None):
+    """Make the run folder `out`, lock it for the life of this process, and refuse to start over another run.
+
+    The lock is an OS file lock (fcntl.flock) on out/.lock: a second training into the same folder fails at once,
+    naming the holder's process, and the lock goes away with the process however it ends (SIGKILL included).
+    A folder holding a checkpoint is only ever continued (--resume of that checkpoint), never overwritten.
+    Returns the open lock file: keep it open as long as the run lasts."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out!r} is a file; give a folder for the run")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"--out {out!r} is not writable; choose another folder for the run")
+    lock = open(os.path.join(out, LOCK_NAME), "a+")
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise RuntimeError(f"another training (process {holder}) is writing into {out}; wait for it to end or stop "
+                               f"it, or train into another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    ckpt = os.path.join(out, CKPT_NAME)
+    if os.path.exists(ckpt) and (resume_path is None or not os.path.samefile(ckpt, resume_path)):
+        lock.close()
+        raise FileExistsError(f"{out} already holds a run ({ckpt}); continue it with --resume {out} (and a larger "
+                              f"--steps), or start a new run with another --out")
+    return lock
+
+
+def keep_metrics_up_to(path, step):
+    """Drop the lines of metrics.jsonl after `step`: a resumed run rewrites what came after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def write_grid(run, path, progress=False):
     model = run.model.using(run.ema.params)  # the EMA weights
     n = run.data.num_classes
@@ -192,22 +250,36 @@ def train(args, explicit=frozenset()):
     resume_path = None
     if args.resume:
         args, resume_path = resolve_resume(args, set(explicit))
-    os.makedirs(args.out, exist_ok=True)
-    run = Run(args)
-    if resume_path:
-        run.load(resume_path)
-    ckpt_path = os.path.join(args.out, CKPT_NAME)
-    log_file = open(os.path.join(args.out, "log.txt"), "a")
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    lock = claim_run_folder(args.out, resume_path)  # held until this function returns, however it ends
+    try:
+        run = Run(args)
+        if resume_path:
+            run.load(resume_path)
+            if run.step >= run.total_steps:
+                raise ValueError(f"the checkpoint is at step {run.step} already; give --steps larger than "
+                                 f"{run.step} to train on")
+        ckpt_path = os.path.join(args.out, CKPT_NAME)
+        mode = "a" if resume_path else "w"  # a new run starts new logs; a resumed one continues them
+        if resume_path:
+            keep_metrics_up_to(os.path.join(args.out, "metrics.jsonl"), run.step)
+        with open(os.path.join(args.out, "log.txt"), mode) as log_file, \
+                open(os.path.join(args.out, "metrics.jsonl"), mode) as metrics:
+            return _loop(run, args, resume_path, ckpt_path, log_file, metrics)
+    finally:
+        lock.close()
 
+
+def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
+    """The training loop of `train`: log, steps, checkpoints, interrupts, the final grid."""
     def log(msg):
         tqdm.write(msg)
         log_file.write(msg + "\n")
         log_file.flush()
 
     m = run.model
-    log(f"{type(m).__name__} {m.variant}: {m.num_params():,} parameters ({m.num_params(trainable_only=True):,} trainable), "
-        f"{m.gmacs():.3f} GMACs/image; data {run.data}; backend {args.backend}"
+    log(f"{type(m).__name__} {m.variant}: {m.num_params():,} parameters "
+        f"({m.num_params(trainable_only=True):,} trainable), {m.gmacs():.3f} GMACs/image; data {run.data}; "
+        f"backend {args.backend}"
         + (f" ({run.threads} threads)" if run.xp is np else ""))
     if resume_path:
         log(f"resumed from {resume_path} at step {run.step}")
@@ -275,9 +347,7 @@ def train(args, explicit=frozenset()):
 def main(argv=None):
     args, explicit = parse_args(argv)
     try:
-        train(args, explicit)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        run_command(train, args, explicit)  # a user error ends in one line `error: ...`
     except Exception as e:
         if is_out_of_memory(e):
             sys.exit(f"error: out of memory at batch size {args.batch_size} ({type(e).__name__}: {e}); "
