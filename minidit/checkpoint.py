@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import zipfile
 
@@ -69,6 +70,7 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
     host[META_KEY] = np.frombuffer(meta_json.encode("utf-8"), dtype=np.uint8)
 
     directory = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(path)
     # a hidden temporary in the same directory (so os.replace is a rename on one filesystem); created by os.open
     # rather than mkstemp so that the file gets the usual permissions (0o666 less the umask), not 0o600
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -95,6 +97,38 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def _temporary_pattern(path):
+    return re.compile(re.escape(f".{os.path.basename(path)}.") + r"(\d+)\.[0-9a-f]+\.tmp")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporaries that interrupted saves of `path` left (a SIGKILL mid-write leaves one, of the
+    checkpoint's size): those named after a process that no longer runs, or after this one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = _temporary_pattern(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
@@ -244,8 +278,9 @@ def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
         raise CheckpointError(f"unknown model kind {kind!r} in the checkpoint; this minidit builds {', '.join(models)}")
     try:
         return models[kind]({k: v for k, v in spec.items() if k != "kind"}, seed=seed, dtype=dtype, backend=backend)
-    except TypeError as e:  # a field this minidit does not know, or one missing
-        raise CheckpointError(f"the checkpoint's model spec {spec} does not fit this minidit ({e})") from None
+    except (TypeError, ValueError) as e:  # a field this minidit does not know, one missing, or of the wrong type
+        raise CheckpointError(f"the checkpoint's model spec {spec} does not describe a model this minidit can build "
+                              f"({e})") from None
 
 
 def build_objective(spec: dict):
@@ -254,7 +289,20 @@ def build_objective(spec: dict):
     kind = spec.get("kind")
     if kind not in objectives:
         raise CheckpointError(f"unknown objective {kind!r} in the checkpoint; this minidit has {', '.join(objectives)}")
-    return objectives[kind](**{k: v for k, v in spec.items() if k != "kind"})
+    try:
+        return objectives[kind](**{k: v for k, v in spec.items() if k != "kind"})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's objective spec {spec} is not one this minidit can build ({e})") from None
+
+
+def check_weights(state, path, what):
+    """Refuse weights that are not floating point or not finite, naming the first such tensor."""
+    for name, a in state.items():
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CheckpointError(f"{path!r}: {what} tensor {name!r} has dtype {a.dtype}, not a float type")
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path!r}: {what} tensor {name!r} holds NaN or Inf values; the checkpoint is "
+                                  f"damaged or was saved from a diverged run: use an earlier one")
 
 
 def load(path, ema=True, backend="numpy", dtype=np.float32):
@@ -266,6 +314,7 @@ def load(path, ema=True, backend="numpy", dtype=np.float32):
     if not state:
         raise CheckpointError(f"{checkpoint_file(path)!r} has no {'EMA' if ema else 'raw model'} weights "
                               f"(no '{prefix}*' arrays)" + ("" if ema else "; converted weights have only EMA ones"))
+    check_weights(state, checkpoint_file(path), "weight")
     model = build_model(meta["model"], dtype=dtype, backend=backend)
     model.load_state_dict(state)
     return model, build_objective(meta["objective"]), meta
@@ -297,9 +346,15 @@ def read_training(path) -> tuple[dict, dict]:
     """(states, meta) of a training checkpoint: states["model"], ["ema"], ["opt"] are the flat state dicts of the
     model, EMA and AdamW (arrays and scalars merged, as their load_state_dict takes them)."""
     arrays, meta = read(path)
+    path = checkpoint_file(path)
     if "args" not in meta or "opt" not in meta:
-        raise CheckpointError(f"{checkpoint_file(path)!r} is not a training checkpoint of minidit.train (converted "
-                              f"weights, say); it cannot be resumed, only sampled")
+        raise CheckpointError(f"{path!r} is not a training checkpoint of minidit.train (converted weights, say); it "
+                              f"cannot be resumed, only sampled")
+    for key, kind in (("args", dict), ("opt", dict), ("ema", dict), ("step", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{path!r}: its metadata entry {key!r} is {meta.get(key)!r}, not a {kind.__name__}; "
+                                  f"the file is damaged: use an earlier checkpoint")
+    check_weights(arrays, path, "state")
     states = {"model": split_prefix(arrays, "model."),
               "ema": {**split_prefix(arrays, "ema."), **meta["ema"]},
               "opt": {**split_prefix(arrays, "opt."), **meta["opt"]}}

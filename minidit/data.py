@@ -272,21 +272,38 @@ LATENTS_FORMAT = ("a latents file is an .npz with `latents` float (N, C, h, w) a
                   "(optional: scalar `num_classes`), e.g. np.savez(path, latents=z, labels=y)")
 
 
+MAX_CLASSES = 100_000  # a label table larger than this is a mistake in the data, not a dataset (ImageNet: 1000)
+
+
+def read_npz(path, required, what):
+    """{key: array} of an .npz file with at least the `required` keys; a clear ValueError naming the file and what
+    it should hold (`what`) for anything else: a missing file, not an .npz, a missing key, a pickled entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}; {what}")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"could not read {path} as .npz ({type(e).__name__}: {e}); {what}") from None
+    if not hasattr(f, "files"):
+        raise ValueError(f"{path} is a single .npy array, not an .npz; {what}")
+    with f:
+        missing = [k for k in required if k not in f.files]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(repr(k) for k in missing)} (it has {f.files}); {what}")
+        try:
+            return {k: f[k] for k in f.files}
+        except ValueError as e:  # an object array: np.load refuses to unpickle it
+            raise ValueError(f"{path} holds a pickled (object) array, which minidit never loads ({e}); {what}") from None
+
+
 class Latents(Dataset):
     """Precomputed latents (e.g. 0.18215 * VAE-encoded images), used as stored: no scaling, no flips."""
 
     def __init__(self, path):
         path = Path(path)
-        try:
-            f = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"could not read {path} as .npz ({e}); {LATENTS_FORMAT}") from e
-        with f:
-            for key in ("latents", "labels"):
-                if key not in f.files:
-                    raise KeyError(f"{path} has no array {key!r} (it has {f.files}); {LATENTS_FORMAT}")
-            latents, labels = f["latents"], f["labels"]
-            num_classes = int(f["num_classes"]) if "num_classes" in f.files else None
+        f = read_npz(path, ("latents", "labels"), LATENTS_FORMAT)
+        latents, labels = f["latents"], f["labels"]
         if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating):
             raise ValueError(f"{path}: `latents` must be float (N, C, h, w), got {latents.dtype} {latents.shape}; "
                              f"{LATENTS_FORMAT}")
@@ -299,10 +316,24 @@ class Latents(Dataset):
             raise ValueError(f"{path} holds no latents")
         if labels.min() < 0:
             raise ValueError(f"{path}: `labels` must be >= 0, found {labels.min()}")
-        if num_classes is None:
+        if "num_classes" in f:
+            k = f["num_classes"]
+            if k.shape != () or not np.issubdtype(k.dtype, np.integer) or not 1 <= int(k) <= MAX_CLASSES:
+                raise ValueError(f"{path}: `num_classes` must be one integer in [1, {MAX_CLASSES}], got {k!r}")
+            num_classes = int(k)
+            if labels.max() >= num_classes:
+                raise ValueError(f"{path}: label {labels.max()} is out of range for num_classes={num_classes}")
+        else:  # inferred from the labels: bounded before it sizes a label table
             num_classes = int(labels.max()) + 1
-        elif labels.max() >= num_classes:
-            raise ValueError(f"{path}: label {labels.max()} is out of range for num_classes={num_classes}")
+            if num_classes > min(MAX_CLASSES, len(labels)):
+                raise ValueError(f"{path}: the largest label is {labels.max()}, but there are {len(labels)} latents"
+                                 f"{'' if num_classes <= MAX_CLASSES else f' and at most {MAX_CLASSES} classes'}: "
+                                 f"labels must be class numbers 0 .. K-1; store the count as `num_classes` if some "
+                                 f"classes have no latents")
+        bad = ~np.isfinite(latents)
+        if bad.any():
+            raise ValueError(f"{path}: `latents` holds {int(bad.sum())} NaN or Inf values (first at index "
+                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}); encode the images again")
         super().__init__(np.ascontiguousarray(latents, dtype=np.float32), labels,
                          [str(k) for k in range(num_classes)], kind="latents", flip=False)
         self.path = path

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -51,7 +50,8 @@ from tqdm import tqdm
 from .. import layers as L
 from ..xp import get_xp
 from ..checkpoint import CheckpointError, add_prefix, load_checkpoint, save_checkpoint, split_prefix
-from ..data import default_cache_dir, load_dataset
+from ..cli import run
+from ..data import default_cache_dir, load_dataset, read_npz
 from ..digits import DIGITS_VERSION
 from ..optim import AdamW
 from ..threads import single_threaded_blas
@@ -410,26 +410,15 @@ def format_table(r):
     return "\n".join(lines)
 
 
+SAMPLES_FORMAT = ("expected `arr_0` (uint8 N x 32 x 32 x C) and `labels` (N,), as `python -m minidit.sample --npz` "
+                  "writes")
+
+
 def load_samples_npz(path):
     """Read `arr_0` (uint8 N x H x W x C) and `labels` (N,) from an .npz (`python -m minidit.sample --npz`); checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no samples file at {path}")
+    f = read_npz(path, ("arr_0", "labels"), SAMPLES_FORMAT)
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"could not read {path} as .npz ({e})") from e
-    with f:
-        if not hasattr(f, "files"):
-            raise ValueError(f"{path} is a single array, not an .npz with `arr_0` and `labels`")
-        missing = [k for k in ("arr_0", "labels") if k not in f.files]
-        if missing:
-            raise ValueError(f"{path} has no {' or '.join(repr(k) for k in missing)} (it has {f.files}); expected "
-                             f"`arr_0` (uint8 N x 32 x 32 x C) and `labels` (N,), as `python -m minidit.sample "
-                             f"--npz` writes")
-        images, labels = f["arr_0"], f["labels"]
-    try:
-        return check_samples(images, labels)
+        return check_samples(f["arr_0"], f["labels"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -439,11 +428,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("samples", help=".npz with arr_0 (uint8 N x 32 x 32 x C) and labels (N,)")
     args = ap.parse_args(argv)
-    try:
-        images, labels = load_samples_npz(args.samples)
-        result = evaluate(images, labels)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    images, labels = run(load_samples_npz, args.samples)
+    result = run(evaluate, images, labels)
     print(format_table(result))
     return result
 
