@@ -19,9 +19,9 @@ import argparse
 import math
 import os
 import re
-import sys
 
 from .checkpoint import save_weights
+from .cli import output_file, run
 from .diffusion import Diffusion
 from .model import VARIANTS, DiTSpec, param_shapes
 from .params import check_keys
@@ -80,6 +80,7 @@ def convert(src, dst):
     if not dst.endswith(".npz"):
         raise ValueError(f"the output {dst!r} must be an .npz file: minidit writes its checkpoints as .npz "
                          f"(name it e.g. {os.path.splitext(dst)[0] + '.npz'!r})")
+    output_file(dst, (".npz",), "the output")
     state, used = read_torch_checkpoint(src)
     meta = infer_model(state)
     spec = DiTSpec(**meta)
@@ -96,10 +97,7 @@ def main(argv=None):
     ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint)")
     ap.add_argument("dst", help="the minidit checkpoint (.npz) to write")
     args = ap.parse_args(argv)
-    try:
-        meta, used = convert(args.src, args.dst)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    meta, used = run(convert, args.src, args.dst)
     print(f"wrote {args.dst}: DiT {meta['variant']} at input {meta['input_size']}, {meta['in_channels']} channels, "
           f"{meta['num_classes']} classes, learn_sigma={meta['learn_sigma']} (weights: {used}); sample it with "
           f"python -m minidit.sample --ckpt {args.dst}")

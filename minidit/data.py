@@ -372,6 +372,11 @@ def save_grid(x, path, nrow=8, padding=2, scale=None):
     _atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+def save_npz(path, **arrays):
+    """np.savez to `path`, written atomically (what minidit.sample --npz and minidit.encode write)."""
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def _atomic_write(path, write):
     """Call write(file) on a temporary file next to path, then rename it over path: readers never see half a file."""
     path = Path(path)

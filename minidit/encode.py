@@ -8,15 +8,14 @@ float32 (N, 4, S/8, S/8), `labels` int64 (N,) and `num_classes`: the file `pytho
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import BACKENDS
 from .xp import make_rng, to_device, to_numpy
-from .data import ImageFolder
+from .cli import nonnegative_int, output_file, positive_int, run
+from .data import ImageFolder, save_npz
 from .vae import VAE
 
 
@@ -45,22 +44,22 @@ def main(argv=None):
     ap.add_argument("--vae", required=True, help="the VAE's diffusers safetensors file "
                                                  "(e.g. sd-vae-ft-ema/diffusion_pytorch_model.safetensors)")
     ap.add_argument("--out", required=True, help="the .npz to write")
-    ap.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels (default 256)")
-    ap.add_argument("--batch-size", type=int, default=8, help="images per VAE call (default 8)")
+    ap.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels (default 256)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="images per VAE call (default 8)")
     ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                     help="mirror each image with probability 0.5 before encoding (official; default on)")
-    ap.add_argument("--norm-groups", type=int, default=32, help="the VAE's GroupNorm groups (32 for SD's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--norm-groups", type=positive_int, default=32, help="the VAE's GroupNorm groups (32 for SD's)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--backend", choices=BACKENDS, default="numpy")
-    args = ap.parse_args(argv)
-    try:
-        vae = VAE.from_file(args.vae, norm_groups=args.norm_groups, backend=args.backend)
-        latents, labels, names = encode_folder(args.data, vae, args.image_size, args.batch_size, args.seed, args.flip)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    tmp = args.out + ".tmp.npz"
-    np.savez(tmp, latents=latents, labels=labels, num_classes=np.int64(len(names)))
-    os.replace(tmp, args.out)
+    run(encode, ap.parse_args(argv))
+
+
+def encode(args):
+    """The command: the output checked first, then encode and write atomically."""
+    output_file(args.out, (".npz",), "--out")
+    vae = VAE.from_file(args.vae, norm_groups=args.norm_groups, backend=args.backend)
+    latents, labels, names = encode_folder(args.data, vae, args.image_size, args.batch_size, args.seed, args.flip)
+    save_npz(args.out, latents=latents, labels=labels, num_classes=np.int64(len(names)))
     print(f"wrote {args.out}: {len(labels)} latents of shape {latents.shape[1:]}, {len(names)} classes "
           f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}); train with "
           f"python -m minidit.train --data {args.out}")

@@ -6,11 +6,12 @@ Classifier-free guidance runs the conditional and the null-class batch through o
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 import numpy as np
 
 from .backend import BACKENDS
+from .cli import nonnegative_float, nonnegative_int, output_file, positive_int, run, sampling_steps
 from .diffusion import Diffusion, cfg_model_fn
 from .threads import data_parallel
 from .xp import make_rng, to_device, to_numpy
@@ -54,7 +55,10 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
         if model.class_dropout_prob <= 0:
             raise ValueError("guidance needs the null class: this model was trained with class_dropout_prob 0; "
                              "use --cfg-scale 1")
-        channels = model.in_channels if guide_channels is None else guide_channels
+        channels = model.in_channels if guide_channels is None else int(guide_channels)
+        if not 1 <= channels <= model.in_channels:
+            raise ValueError(f"--guide-channels {channels}: this model has {model.in_channels} noise channels; guide "
+                             f"between 1 and {model.in_channels} of them")
         model_fn = cfg_model_fn(forward, y, model.num_classes, cfg_scale, guide_channels=channels)
     else:
         def model_fn(x, t):
@@ -76,56 +80,75 @@ def decode_latents(latents, vae_path, backend="numpy", batch_size=8):
                            for i in range(0, len(latents), batch_size)]).astype(np.float32)
 
 
-def main(argv=None):
-    from .checkpoint import load  # imported here: the CLI needs it, the library function does not
-    from .data import save_grid, to_uint8_nhwc
+MAX_SAMPLE_BYTES = 8 << 30  # one call holds every image in memory: past this, sample in several calls
 
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.sample", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a checkpoint written by minidit.train (or minidit.convert)")
-    ap.add_argument("--class-labels", type=int, nargs="+", default=None,
+    ap.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=None,
                     help="one image per label; default: every class, --per-class times")
-    ap.add_argument("--per-class", type=int, default=1, help="images per class when --class-labels is not given")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    ap.add_argument("--guide-channels", type=int, default=None,
+    ap.add_argument("--per-class", type=positive_int, default=1,
+                    help="images per class when --class-labels is not given")
+    ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
+                    help="classifier-free guidance scale (1 = none)")
+    ap.add_argument("--guide-channels", type=positive_int, default=None,
                     help="guide only the first K noise channels (3 = the official DiT checkpoints' behaviour); "
                          "default: all of them")
-    ap.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of diffusion steps")
+    ap.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
+                    help="respaced number of diffusion steps")
     ap.add_argument("--sampler", choices=Diffusion.SAMPLERS, default="ddpm")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    ap.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM eta (0 = deterministic)")
     ap.add_argument("--clip-denoised", action="store_true",
                     help="clamp the predicted x0 to [-1, 1] at every step (for pixel data; off for latents, as DiT)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="numpy backend: CPU threads, each running one shard of the batch (default: every core)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
                     help="numpy (CPU), cupy (CUDA), or strict (a CPU emulation of a device, for testing)")
-    ap.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class)")
+    ap.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: one row per class)")
     ap.add_argument("--out", default="sample.png", help="PNG grid to write")
     ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C) and labels to this .npz")
     ap.add_argument("--vae", default=None, help="decode the samples (latents) to pixels with this Stable Diffusion "
                                                 "VAE (its diffusers safetensors file), as the official sample.py")
-    args = ap.parse_args(argv)
-    try:
-        model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
-        labels = args.class_labels
-        if labels is None:
-            labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
-        images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale,
-                          num_sampling_steps=args.num_sampling_steps,
-                          sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.guide_channels,
-                          clip_denoised=args.clip_denoised, threads=args.threads)
-        if args.vae:
-            images = decode_latents(images, args.vae, backend=args.backend)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    return ap.parse_args(argv)
+
+
+def sample(args):
+    """The command: every output path and size checked before the model runs, then sample, decode, write."""
+    from .checkpoint import load  # imported here: the CLI needs it, the library function does not
+    from .data import save_grid, save_npz, to_uint8_nhwc
+
+    output_file(args.out, (".png",), "--out")
+    output_file(args.npz, (".npz",), "--npz")
+    if args.vae is not None and not os.path.isfile(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
+    model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
+    labels = args.class_labels
+    if labels is None:
+        labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
+    side = model.input_size * (8 if args.vae else 1)
+    need = len(labels) * max(model.in_channels, 3 if args.vae else 0) * side * side * 4
+    if need > MAX_SAMPLE_BYTES:
+        raise ValueError(f"{len(labels)} images of {side} x {side} need {need / 2**30:.1f} GiB in one call; sample "
+                         f"fewer at a time (--class-labels or --per-class) with different --seed values")
+    images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale,
+                      num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                      guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads)
+    if args.vae:
+        images = decode_latents(images, args.vae, backend=args.backend)
     nrow = args.nrow or (args.per_class if args.class_labels is None else min(len(labels), 8))
     save_grid(images, args.out, nrow=nrow)
     print(f"wrote {args.out} ({len(labels)} images)")
     if args.npz:
-        np.savez(args.npz, arr_0=to_uint8_nhwc(images), labels=np.asarray(labels, dtype=np.int64))
+        save_npz(args.npz, arr_0=to_uint8_nhwc(images), labels=np.asarray(labels, dtype=np.int64))
         print(f"wrote {args.npz}")
+
+
+def main(argv=None):
+    run(sample, parse_args(argv))
 
 
 if __name__ == "__main__":

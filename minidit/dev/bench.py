@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from ..backend import get_backend
 from ..checkpoint import build_model
+from ..cli import nonnegative_int, positive_int, run, sampling_steps
 from ..diffusion import Diffusion
 from ..model import DiTSpec, forward_macs, get_config
 from ..optim import EMA, AdamW
@@ -465,37 +466,29 @@ def parse_args(argv=None):
                     help="small: mini/4 on 32x32x3, 10 classes, batch 32; s4: S/4 on 32x32x4, batch 16; "
                          "s2: S/2 at batch 8; all: the three. Options given explicitly override a preset's.")
     ap.add_argument("--variant", default=None, help=f"DiT variant (default {DEFAULTS['variant']})")
-    ap.add_argument("--input-size", "--image-size", dest="input_size", type=int, default=None,
+    ap.add_argument("--input-size", "--image-size", dest="input_size", type=positive_int, default=None,
                     help=f"model input side (latent or pixel), default {DEFAULTS['input_size']}")
-    ap.add_argument("--in-channels", type=int, default=None, help=f"default {DEFAULTS['in_channels']}")
-    ap.add_argument("--num-classes", type=int, default=None, help=f"default {DEFAULTS['num_classes']}")
-    ap.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the runs")
-    ap.add_argument("--runs", type=int, default=5, help="runs per side (pairs with --compare-torch)")
-    ap.add_argument("--threads", type=int, default=2,
+    ap.add_argument("--in-channels", type=positive_int, default=None, help=f"default {DEFAULTS['in_channels']}")
+    ap.add_argument("--num-classes", type=positive_int, default=None, help=f"default {DEFAULTS['num_classes']}")
+    ap.add_argument("--batch-size", type=positive_int, default=None, help=f"default {DEFAULTS['batch_size']}")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed steps per run")
+    ap.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps per side before the runs")
+    ap.add_argument("--runs", type=positive_int, default=5, help="runs per side (pairs with --compare-torch)")
+    ap.add_argument("--threads", type=positive_int, default=2,
                     help="CPU threads of both sides: minidit (numpy) runs that many batch shards at once, one thread "
                          "each with a single-threaded BLAS; torch uses them inside each op (BLAS / OpenMP)")
     ap.add_argument("--compare-torch", action="store_true", help="also time the same step in PyTorch eager")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
-    ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
+    ap.add_argument("--peak-size", type=positive_int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument("--memory-child", choices=["minidit", "torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="on cupy: use the fused CUDA kernels of minidit.cuda_kernels (--no-fused: the array code)")
     ap.add_argument("--sampling", action="store_true",
                     help="measure guided sampling instead of training: time per step and peak resident memory "
                          "(e.g. --variant XL/2 --batch-size 8 --sampling --vae-decode: the official 256 px setting)")
-    ap.add_argument("--sample-steps", type=int, default=2, help="with --sampling: DDPM steps to run (>= 2)")
+    ap.add_argument("--sample-steps", type=sampling_steps, default=2, help="with --sampling: DDPM steps to run (>= 2)")
     ap.add_argument("--vae-decode", action="store_true", help="with --sampling: also decode with an SD-shaped VAE")
-    args = ap.parse_args(argv)
-    for name in ("steps", "runs", "threads", "batch_size", "peak_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        ap.error("--warmup must be >= 0")
-    if args.sample_steps < 2:
-        ap.error("--sample-steps must be >= 2 (a respaced schedule keeps at least 2 steps)")
-    return args
+    return ap.parse_args(argv)
 
 
 def specs_from_args(args):
@@ -522,11 +515,11 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"minidit.dev.bench: backend {args.backend} unavailable: {e}")
         return 2
-    for spec in specs_from_args(args):
+    for spec in run(specs_from_args, args):  # an unknown variant or a bad size: one line, not a traceback
         if args.sampling:
-            bench_sampling(spec, args)
+            run(bench_sampling, spec, args)
         else:
-            bench_config(spec, args)
+            run(bench_config, spec, args)
     return 0
 
 

@@ -48,13 +48,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import layers as L
-from ..xp import get_xp
 from ..checkpoint import CheckpointError, add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from ..cli import run
 from ..data import default_cache_dir, load_dataset, read_npz
 from ..digits import DIGITS_VERSION
 from ..optim import AdamW
 from ..threads import single_threaded_blas
+from ..xp import get_xp
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from .. import train as train_mod
+from ..cli import nonnegative_float, nonnegative_int, positive_float, positive_int, run, sampling_steps
 from ..checkpoint import load_checkpoint, load_model
 from ..data import to_uint8_nhwc
 from .evaluate import evaluate
@@ -43,16 +44,16 @@ def parse_args(argv=None):
     ap.add_argument("--variant", default="mini/4", help="conditioning: the model (default mini/4)")
     ap.add_argument("--variants", nargs="+", default=["mini/4", "mini/2", "S/4"],
                     help="scaling: the models (default mini/4 mini/2 S/4)")
-    ap.add_argument("--image-size", type=int, default=16, help="digit image side (default 16, as the CPU demo)")
-    ap.add_argument("--channels", type=int, default=1, help="digit image channels (default 1)")
-    ap.add_argument("--steps", type=int, default=None,
+    ap.add_argument("--image-size", type=positive_int, default=16, help="digit image side (default 16, as the CPU demo)")
+    ap.add_argument("--channels", type=int, choices=(1, 3), default=1, help="digit image channels (default 1)")
+    ap.add_argument("--steps", type=positive_int, default=None,
                     help="training steps of every configuration (default 2000 for conditioning, 1000 for scaling)")
-    ap.add_argument("--batch-size", type=int, default=32, help="default 32")
-    ap.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (the mini variants' default)")
-    ap.add_argument("--per-class", type=int, default=10, help="samples per class for the score (default 10)")
-    ap.add_argument("--sample-steps", type=int, default=50, help="DDPM steps of the scored samples (default 50)")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the scored samples (default 4)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    ap.add_argument("--lr", type=positive_float, default=1e-3, help="default 1e-3 (the mini variants' default)")
+    ap.add_argument("--per-class", type=positive_int, default=10, help="samples per class for the score (default 10)")
+    ap.add_argument("--sample-steps", type=sampling_steps, default=50, help="DDPM steps of the scored samples (default 50)")
+    ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance of the scored samples (default 4)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--out", default=None, help="default results/<experiment>")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join("results", args.experiment)
@@ -162,11 +163,8 @@ def main(argv=None):
     for name, (variant, block) in configurations(args).items():
         run_dir = os.path.join(args.out, name)
         print(f"== {args.experiment}: {name} ({variant}, {block}, {args.steps} steps)")
-        try:
-            train_config(args, run_dir, variant, block)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        model, r = score(args, run_dir)
+        run(train_config, args, run_dir, variant, block)
+        model, r = run(score, args, run_dir)
         steps, values = loss_curve(run_dir, args.steps)
         results[name] = dict(variant=variant, block=block, params=model.num_params(), gmacs=model.gmacs(),
                              steps=args.steps, final_loss=values[-1], loss_steps=steps, loss_values=values,
