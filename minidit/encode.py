@@ -1,8 +1,9 @@
 """Encode an image folder to the latents DiT trains on: python -m minidit.encode --data FOLDER --vae VAE --out z.npz
 
-Like the official extract_features.py: every image is center-cropped (ADM) to --image-size, flipped left-right
-with probability 0.5 (the only augmentation DiT uses, applied once, before encoding), scaled to [-1, 1], encoded by
-the Stable Diffusion VAE, sampled from its posterior and multiplied by 0.18215. The output .npz holds `latents`
+The official train.py's preprocessing, done once instead of every batch (as fast-DiT's extract_features.py does):
+every image is center-cropped (ADM) to --image-size, flipped left-right with probability 0.5 (the only augmentation
+DiT uses; here drawn once, before encoding), scaled to [-1, 1], encoded by the Stable Diffusion VAE, sampled from its
+posterior and multiplied by 0.18215. The output .npz holds `latents`
 float32 (N, 4, S/8, S/8), `labels` int64 (N,) and `num_classes`: the file `python -m minidit.train --data` reads.
 """
 from __future__ import annotations
