@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .digits import DIGITS_VERSION, render_digits
 from .xp import to_numpy
 
+MAX_IMAGE_SIZE = 1024  # pixels: DiT's largest is 512; every image of a folder is held in memory at this size
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
 
 # Random streams that never coincide: epoch permutations [seed, epoch], flips [seed, step, 2], digit shapes
@@ -121,11 +122,17 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
     seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
     channels, n_per_class, cache_dir: digits only. flip: override the kind's default (see Dataset).
     """
+    def check_size(limit, what):  # latents keep their own size
+        if not 8 <= image_size <= limit:
+            raise ValueError(f"--image-size {image_size} is out of range: {what} at 8 to {limit} pixels")
+
     if spec == "digits":
+        check_size(256, "the built-in digits are rendered")
         ds = Digits(image_size=image_size, channels=channels, n_per_class=n_per_class, seed=seed, cache_dir=cache_dir)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
+            check_size(MAX_IMAGE_SIZE, "image folders are cropped")
             ds = ImageFolder(path, image_size)
         elif path.is_file() and path.suffix == ".npz":
             ds = Latents(path)

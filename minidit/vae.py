@@ -19,6 +19,7 @@ query/key/value/proj_attn; they are renamed on load. The original CompVis (ldm) 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -37,8 +38,13 @@ LEGACY_RE = re.compile(r"(mid_block\.attentions\.0\.)(query|key|value|proj_attn)
 # ----------------------------------------------------------------------------------------------
 # safetensors: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets), raw data
 # ----------------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "F64": ("<f8", 8), "BF16": ("<u2", 2)}
+
+
 def read_safetensors(path):
-    """name -> float32 numpy array, for F32 / F16 / BF16 / F64 tensors. Raises ValueError for anything else."""
+    """name -> float32 numpy array, for F32 / F16 / BF16 / F64 tensors. Raises ValueError, naming the file and the
+    tensor, for anything else: a short or non-JSON header, an entry without dtype/shape/offsets, offsets outside the
+    data or not matching the shape, another dtype."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -46,25 +52,36 @@ def read_safetensors(path):
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{path!r} is not a safetensors file (header length {n})")
+        text = f.read(n)
+        if len(text) != n:
+            raise ValueError(f"{path!r} is truncated: its header says {n} bytes, the file holds {len(text)}")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path!r} is not a safetensors file (header is not JSON: {e})") from None
         data = f.read()
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r} is not a safetensors file (its header is not a JSON object)")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        buf = data[start:end]
-        dtype, shape = info["dtype"], tuple(info["shape"])
-        if dtype == "BF16":  # the upper half of a float32
-            a = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dtype in ("F32", "F16", "F64"):
-            a = np.frombuffer(buf, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).astype(np.float32)
-        else:
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path!r}: the header entry of tensor {name!r} is malformed ({info!r}); expected "
+                             f"dtype, shape and data_offsets") from None
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path!r}: tensor {name!r} has dtype {dtype}, not a float type a VAE uses")
-        tensors[name] = a.reshape(shape)
+        code, size = SAFETENSORS_DTYPES[dtype]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(data)) \
+                or end - start != size * math.prod(shape) or min(shape, default=0) < 0:
+            raise ValueError(f"{path!r}: tensor {name!r} ({dtype} {list(shape)}) has byte offsets [{start}, {end}) "
+                             f"that do not fit its shape or the file's {len(data)} data bytes: the file is damaged")
+        a = np.frombuffer(data[start:end], dtype=code)
+        if dtype == "BF16":  # the upper half of a float32
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = a.astype(np.float32).reshape(shape)
     return tensors
 
 
