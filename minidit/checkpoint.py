@@ -278,9 +278,8 @@ def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
         raise CheckpointError(f"unknown model kind {kind!r} in the checkpoint; this minidit builds {', '.join(models)}")
     try:
         return models[kind]({k: v for k, v in spec.items() if k != "kind"}, seed=seed, dtype=dtype, backend=backend)
-    except (TypeError, ValueError) as e:  # a field this minidit does not know, one missing, or of the wrong type
-        raise CheckpointError(f"the checkpoint's model spec {spec} does not describe a model this minidit can build "
-                              f"({e})") from None
+    except TypeError as e:  # a field this minidit does not know, one missing, or of the wrong type
+        raise CheckpointError(f"the model spec {spec} does not describe a model this minidit can build ({e})") from None
 
 
 def build_objective(spec: dict):

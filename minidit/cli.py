@@ -48,11 +48,11 @@ def output_file(path, suffixes, flag):
     Refuses a folder, a name with another suffix, and a folder that is missing or not writable (naming which)."""
     if path is None:
         return None
-    if not path.lower().endswith(tuple(suffixes)):
-        raise ValueError(f"{flag} {path!r} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         example = os.path.join(path, "out" + suffixes[0])
         raise IsADirectoryError(f"{flag} {path!r} is a folder; give a file name, e.g. {example!r}")
+    if not path.lower().endswith(tuple(suffixes)):
+        raise ValueError(f"{flag} {path!r} must end in {' or '.join(suffixes)}")
     folder = os.path.dirname(os.path.abspath(path))
     existing = folder
     while not os.path.exists(existing):  # the nearest existing parent decides whether the folders can be made
