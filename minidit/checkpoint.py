@@ -81,11 +81,13 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a write into the open file: say which file it was
+            raise OSError(e.errno, f"{e.strerror} while writing the checkpoint {path}") from e
         raise
     try:  # make the rename itself durable (POSIX); harmless to skip where directories cannot be opened
         dfd = os.open(directory, os.O_RDONLY)
