@@ -86,7 +86,7 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None:  # a write into the open file: say which file it was
+        if isinstance(e, OSError) and e.errno and e.filename is None:  # a write into the open file: say which
             raise OSError(e.errno, f"{e.strerror} while writing the checkpoint {path}") from e
         raise
     try:  # make the rename itself durable (POSIX); harmless to skip where directories cannot be opened
