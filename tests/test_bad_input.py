@@ -30,7 +30,9 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     run = d / "run"
     train_mod.main(FAST + ["--steps", "2", "--out", str(run)])
-    f = {"run": str(run), "dir": str(d), "ckpt": str(run / "checkpoint.npz")}
+    f = {"run": str(run), "dir": str(d), "ckpt": str(run / "checkpoint.npz"), "other": str(d / "other")}
+    (d / "other").mkdir()
+    (d / "other" / "checkpoint.npz").write_bytes((run / "checkpoint.npz").read_bytes())  # another run's folder
     arrays, meta = load_checkpoint(run / "checkpoint.npz")
 
     def variant(name, change_arrays=None, change_meta=None):
@@ -115,6 +117,7 @@ ROWS = [
     ("train", ["--image-size", "5000", "--out", "{dir}/s"], 1, "out of range"),
     # train: run folders and resume
     ("train", FAST + ["--steps", "1", "--out", "{run}"], 1, "already holds a run"),
+    ("train", ["--resume", "{run}", "--steps", "5", "--out", "{other}"], 1, "already holds a run"),
     ("train", ["--out", "{afile}"], 1, "is a file"),
     ("train", ["--resume", "{dir}/nothing"], 1, "no checkpoint at"),
     ("train", ["--resume", "{latents}"], 1, "not a minidit checkpoint"),

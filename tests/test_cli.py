@@ -27,7 +27,9 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path):
     train_mod.main(FAST + ["--steps", "6", "--ckpt-every", "3", "--out", a])
     train_mod.main(FAST + ["--steps", "3", "--out", b])
     assert len(losses(b)) == 3
-    train_mod.main(["--resume", b, "--steps", "6"])
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # a window logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 5, "loss": 1.0, "losses": [9.0, 9.0]}) + "\n")
+    train_mod.main(["--resume", b, "--steps", "6"])  # rewrites what came after its checkpoint
     assert losses(b) == losses(a)  # bit-identical, not merely close
     arr_a, meta_a = load_checkpoint(os.path.join(a, "checkpoint.npz"))
     arr_b, meta_b = load_checkpoint(os.path.join(b, "checkpoint.npz"))
