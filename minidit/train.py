@@ -307,6 +307,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
         return losses
 
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+    saved_step = run.step if resume_path else None  # the step the checkpoint on disk holds
     try:
         while run.step < run.total_steps and not stop["requested"]:
             window_losses.append(run.train_step(run.step))
@@ -328,8 +329,13 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 if window_losses:
                     read_window()  # never write parameters that came from an unchecked loss
                 run.save(ckpt_path)
+                saved_step = run.step
             if args.sample_every and run.step % args.sample_every == 0 and not end:
                 write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}.png"))
+        if stop["requested"] and saved_step != run.step:  # Ctrl-C before the first step, or during a sample grid
+            if window_losses:
+                read_window()
+            run.save(ckpt_path)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old_handler)

@@ -134,3 +134,25 @@ def test_memory_report_reads_the_cupy_pool():
     fake_cupy = types.SimpleNamespace(__name__="cupy", get_default_memory_pool=lambda: pool)
     assert memory_report(fake_cupy) == "GPU memory pool: 3.00 GiB used / 4.00 GiB held"
     assert memory_report(np) == ""
+
+
+@pytest.mark.parametrize("when", ["before the first step", "while a sample grid is drawn"])
+def test_ctrl_c_at_any_moment_writes_the_checkpoint_it_announces(tmp_path, monkeypatch, when):
+    """An interrupt that lands where no checkpoint is due (before the first step, or while a grid is sampled between
+    checkpoints) still leaves the checkpoint of the step the message names."""
+    run = str(tmp_path / "early")
+    interrupt = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731  the handler: stop after this
+    if when == "before the first step":
+        class InterruptingBar(train_mod.tqdm):
+            def __init__(self, *args, **kwargs):
+                interrupt()
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "tqdm", InterruptingBar)
+    else:
+        monkeypatch.setattr(train_mod, "write_grid", interrupt)
+    train_mod.main(FAST + ["--steps", "50", "--ckpt-every", "100", "--sample-every", "1", "--out", run])
+    _, meta = load_checkpoint(os.path.join(run, "checkpoint.npz"))
+    step = 0 if when == "before the first step" else 1
+    assert meta["step"] == step
+    assert f"interrupted at step {step}; checkpoint written" in open(os.path.join(run, "log.txt")).read()
