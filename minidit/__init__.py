@@ -13,6 +13,7 @@ The mainline, in reading order (each module imports only the ones before it):
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
+    flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks
     cli           what the commands share: flag types, output paths checked first, one-line errors
     digits, data  the built-in digits; datasets; image output

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import conditioning
 from .diffusion import Diffusion
+from .flow import RectifiedFlow
 from .xp import to_numpy
 
 META_KEY = "__meta__"
@@ -73,7 +74,7 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
     remove_stale_temporaries(path)
     # a hidden temporary in the same directory (so os.replace is a rename on one filesystem); created by os.open
     # rather than mkstemp so that the file gets the usual permissions (0o666 less the umask), not 0o600
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory, _temporary_name(path))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -101,8 +102,13 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
         os.close(dfd)
 
 
+def _temporary_name(path):
+    """.NAME.PID.RANDOM.tmp: the hidden temporary a save of `path` writes first; the pid tells a stale one."""
+    return f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 def _temporary_pattern(path):
-    return re.compile(re.escape(f".{os.path.basename(path)}.") + r"(\d+)\.[0-9a-f]+\.tmp")
+    return re.compile(re.escape(f".{os.path.basename(path)}.") + r"(\d+)\.[0-9a-f]+\.tmp")  # _temporary_name's
 
 
 def _alive(pid):
@@ -286,7 +292,7 @@ def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
 
 def build_objective(spec: dict):
     """The objective a spec dict describes (a checkpoint's meta["objective"])."""
-    objectives = {"ddpm": Diffusion}
+    objectives = {"ddpm": Diffusion, "flow": RectifiedFlow}
     kind = spec.get("kind")
     if kind not in objectives:
         raise CheckpointError(f"unknown objective {kind!r} in the checkpoint; this minidit has {', '.join(objectives)}")

@@ -240,6 +240,10 @@ class Diffusion:
         """n training timesteps, uniform over 0 .. num_timesteps-1 (official: torch.randint), from a numpy Generator."""
         return rng.integers(0, self.num_timesteps, size=n)
 
+    def model_time(self, t):
+        """Host indices t -> the original steps the network is called with (t itself without respacing)."""
+        return self.timestep_map[t]
+
     def _set_tables(self, betas):
         """All per-step float64 tables (DDPM / IDDPM notation in comments)."""
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()

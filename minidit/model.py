@@ -357,11 +357,12 @@ class DiT(Model):
             raise TypeError(f"x has dtype {x.dtype} but the model is {self.dtype}; cast it with "
                             f"x.astype(np.{self.dtype})")
         N = x.shape[0]
-        for name, a in (("t", t), ("y", y)):
+        for name, a, kinds in (("t", t, "iuf"), ("y", y, "iu")):
             if getattr(a, "shape", None) != (N,):
                 raise ValueError(f"{name} must have shape ({N},) (one per image), got {tuple(getattr(a, 'shape', ()))}")
-            if a.dtype.kind not in "iu":
-                raise TypeError(f"{name} must be an integer array, got {a.dtype}")
+            if a.dtype.kind not in kinds:
+                raise TypeError(f"{name} must be an {'integer' if kinds == 'iu' else 'integer or float'} array, "
+                                f"got {a.dtype}")
         for name, a in (("x", x), ("t", t), ("y", y)):
             if get_xp(a) is not self.xp:
                 raise TypeError(f"{name} is a {type(a).__module__} array but the model lives on "
@@ -412,7 +413,8 @@ class DiT(Model):
         return dx
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
-        """x (N, C, H, W) float, t (N,) int timesteps, y (N,) int labels -> (out (N, C_out, H, W), cache).
+        """x (N, C, H, W) float, t (N,) timesteps (DDPM's integer steps, or rectified flow's 1000 t), y (N,) int labels
+        -> (out (N, C_out, H, W), cache).
 
         cache=False (sampling): no activations are kept for a backward pass, so memory holds one block's worth at a
         time instead of all of them; the returned cache is None. Label dropout: see `embed`.

@@ -11,18 +11,20 @@ import os
 import numpy as np
 
 from .backend import BACKENDS
-from .cli import nonnegative_float, nonnegative_int, output_file, positive_int, run, sampling_steps
+from .cli import nonnegative_float, nonnegative_int, output_file, positive_float, positive_int, run, sampling_steps
 from .diffusion import Diffusion, cfg_model_fn
+from .flow import RectifiedFlow
 from .threads import data_parallel
 from .xp import make_rng, to_device, to_numpy
 
 
-def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler="ddpm", eta=0.0, seed=0,
+def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler=None, eta=0.0, seed=0,
              guide_channels=None, clip_denoised=False, progress=True, threads=None):
     """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
 
     objective: what the model was trained with (a checkpoint says: checkpoint.load); None: the official DDPM with
-    the model's learn_sigma. It is respaced to num_sampling_steps and runs `sampler` (one of objective.SAMPLERS).
+    the model's learn_sigma. It samples in num_sampling_steps steps with `sampler`, one of objective.SAMPLERS
+    (None: the first, DDPM's "ddpm" or rectified flow's "euler").
 
     The starting noise is drawn on the host from `seed`, so a seed gives the same images on every backend
     (up to floating-point differences); the per-step noise comes from a generator on the model's backend.
@@ -39,6 +41,7 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
         raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}], got {labels.tolist()}")
     if objective is None:
         objective = Diffusion("", learn_sigma=model.learn_sigma)
+    sampler = objective.SAMPLERS[0] if sampler is None else sampler
     if sampler not in objective.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(objective.SAMPLERS)}")
     process = objective.for_sampling(num_sampling_steps)
@@ -68,14 +71,19 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     return to_numpy(x0).astype(np.float32)
 
 
-def decode_latents(latents, vae_path, backend="numpy", batch_size=8):
-    """Host latents (N, 4, h, w) (already scaled by 0.18215) -> host images (N, 3, 8h, 8w) through the VAE."""
+def load_vae_for(model, vae_path, backend="numpy"):
+    """The VAE of --vae, checked against the model before any sampling: its latents must be what the model makes."""
     from .vae import VAE  # only the latent pipeline needs it
 
     vae = VAE.from_file(vae_path, backend=backend)
-    if latents.shape[1] != vae.latent_channels:
-        raise ValueError(f"the samples have {latents.shape[1]} channels but the VAE's latents have "
+    if model.in_channels != vae.latent_channels:
+        raise ValueError(f"the model makes {model.in_channels}-channel samples but the VAE's latents have "
                          f"{vae.latent_channels}: --vae is for models trained on VAE latents")
+    return vae
+
+
+def decode_latents(latents, vae, batch_size=8):
+    """Host latents (N, 4, h, w) (already scaled by 0.18215) -> host images (N, 3, 8h, 8w) through the VAE."""
     return np.concatenate([to_numpy(vae.decode(to_device(latents[i:i + batch_size], vae.xp)))
                            for i in range(0, len(latents), batch_size)]).astype(np.float32)
 
@@ -98,7 +106,11 @@ def parse_args(argv=None):
                          "default: all of them")
     ap.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
                     help="respaced number of diffusion steps")
-    ap.add_argument("--sampler", choices=Diffusion.SAMPLERS, default="ddpm")
+    ap.add_argument("--sampler", choices=Diffusion.SAMPLERS + RectifiedFlow.SAMPLERS, default=None,
+                    help="ddpm or ddim for a DDPM model, euler or heun for a rectified-flow one (default: the first)")
+    ap.add_argument("--shift", type=positive_float, default=None,
+                    help="rectified flow: SD3's time shift a of the sampling grid, t' = a t / (1 + (a - 1) t) "
+                         "(1 = none; default: the checkpoint's, 1)")
     ap.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM eta (0 = deterministic)")
     ap.add_argument("--clip-denoised", action="store_true",
                     help="clamp the predicted x0 to [-1, 1] at every step (for pixel data; off for latents, as DiT)")
@@ -126,6 +138,11 @@ def sample(args):
     if args.vae is not None and not os.path.isfile(args.vae):
         raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
     model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
+    if args.shift is not None:
+        if not isinstance(objective, RectifiedFlow):
+            raise ValueError("--shift is for rectified-flow models; this checkpoint was trained with DDPM")
+        objective.shift = args.shift
+    vae = load_vae_for(model, args.vae, backend=args.backend) if args.vae else None
     labels = args.class_labels
     if labels is None:
         labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
@@ -137,8 +154,8 @@ def sample(args):
     images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale,
                       num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                       guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads)
-    if args.vae:
-        images = decode_latents(images, args.vae, backend=args.backend)
+    if vae is not None:
+        images = decode_latents(images, vae)
     nrow = args.nrow or (args.per_class if args.class_labels is None else min(len(labels), 8))
     save_grid(images, args.out, nrow=nrow)
     print(f"wrote {args.out} ({len(labels)} images)")

@@ -10,6 +10,9 @@ One training step (facebookresearch/DiT train.py, hand-written here):
     grads  = DiT.backward(dloss/dout)
     AdamW step, then the EMA update
 
+With --objective flow the same loop trains the same model on rectified flow (minidit.flow): t ~ logit-normal in
+(0, 1), x_t = (1 - t) x0 + t eps, the model sees 1000 t and predicts v = eps - x0, loss = MSE(v, out).
+
 Everything random in step k is drawn from generators seeded by (seed, k), and the batch of step k is a
 pure function of (seed, k): so a resumed run reproduces the uninterrupted run's losses exactly.
 """
@@ -36,6 +39,7 @@ from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_i
                   sampling_steps, unit_interval)
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
+from .flow import TIME_SAMPLING, RectifiedFlow
 from .model import BLOCK_TYPES, DiTSpec, get_config
 from .optim import EMA, AdamW
 from .sample import generate
@@ -74,8 +78,14 @@ def parse_args(argv=None):
     ap.add_argument("--block", choices=BLOCK_TYPES, default="adaln-zero",
                     help="how t and the class reach the blocks: the paper's four designs (Table 4)")
     ap.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for guidance")
-    ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                    help="learn the variance (output 2C channels, loss MSE + VLB)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                    help="ddpm: DiT's Gaussian diffusion (MSE + VLB); flow: rectified flow, SD3's objective (velocity "
+                         "MSE, Euler/Heun sampling), on the same model (SiT's experiment)")
+    ap.add_argument("--time-sampling", choices=TIME_SAMPLING, default="logit-normal",
+                    help="flow: how training times are drawn (logit-normal m = 0, s = 1 as SD3, or uniform)")
+    ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                    help="learn the variance (output 2C channels, loss MSE + VLB); default: on for ddpm, off (and not "
+                         "possible) for flow")
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="numpy backend: CPU threads, each running one shard of the batch (minidit.threads); default: "
@@ -88,7 +98,7 @@ def parse_args(argv=None):
     ap.add_argument("--final-samples", action=argparse.BooleanOptionalAction, default=True,
                     help="write the EMA sample grid samples.png at the end")
     ap.add_argument("--sample-steps", type=sampling_steps, default=50,
-                    help="DDPM steps of the grids written while training")
+                    help="sampling steps (DDPM, or Euler for flow) of the grids written while training")
     ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
                     help="guidance scale of the grids written while training")
     ap.add_argument("--resume", default=None,
@@ -103,6 +113,20 @@ def parse_args(argv=None):
 # options that may change when a run is resumed; every other option is taken from the checkpoint
 RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
                     "backend", "final_samples", "threads")
+
+
+OBJECTIVES = ("ddpm", "flow")
+
+
+def make_objective(args):
+    """The objective the options describe (and resolve learn_sigma, which depends on it, once: it is saved)."""
+    if args.learn_sigma is None:
+        args.learn_sigma = args.objective == "ddpm"
+    if args.objective == "flow":
+        if args.learn_sigma:
+            raise ValueError("--learn-sigma is for --objective ddpm: rectified flow predicts the velocity alone")
+        return RectifiedFlow(time_sampling=args.time_sampling, num_steps=args.sample_steps)
+    return Diffusion("", learn_sigma=args.learn_sigma)
 
 
 def model_spec(args, data):
@@ -122,8 +146,8 @@ class Run:
         if args.image_size is None:  # resolved once and saved, like the learning rate below
             args.image_size = 16 if args.data == "digits" else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
+        self.objective = make_objective(args)
         self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
-        self.objective = Diffusion("", learn_sigma=args.learn_sigma)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
@@ -144,9 +168,9 @@ class Run:
         rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
         t = self.objective.sample_t(B, rng)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
-        x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
+        x0, y, t, t_model, noise = (to_device(a, xp) for a in (x0, y, t, self.objective.model_time(t), noise))
         x_t = self.objective.q_sample(x0, t, noise)
-        out, cache = self.net.forward(x_t, t, y, train=True, rng=rng)
+        out, cache = self.net.forward(x_t, t_model, y, train=True, rng=rng)
         loss, _, dout = self.objective.training_loss(out, x0, t, noise)
         grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
         self.opt.step(self.model.params, grads)
@@ -175,6 +199,8 @@ def resolve_resume(args, explicit):
     saved.setdefault("block", "adaln-zero")  # written before --block existed
     saved.setdefault("final_samples", True)
     saved.setdefault("threads", None)
+    saved.setdefault("objective", "ddpm")  # written before --objective existed
+    saved.setdefault("time_sampling", "logit-normal")
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -346,7 +372,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
     if args.final_samples:
         grid = os.path.join(args.out, "samples.png")
         write_grid(run, grid, progress=True)
-        log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} DDPM steps): {grid}")
+        log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} {run.objective.SAMPLERS[0]} steps): {grid}")
     return run
 
 

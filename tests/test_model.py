@@ -244,8 +244,11 @@ def test_input_errors():
         m.forward(x.astype(np.float64), t, y)
     with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
         m.forward(x, t, np.array([0]))
-    with pytest.raises(TypeError, match="t must be an integer array"):
-        m.forward(x, t.astype(np.float32), y)
+    with pytest.raises(TypeError, match="t must be an integer or float array"):
+        m.forward(x, t.astype(np.complex64), y)
+    with pytest.raises(TypeError, match="y must be an integer array"):
+        m.forward(x, t, y.astype(np.float32))
+    np.testing.assert_array_equal(m.forward(x, t.astype(np.float32), y)[0], m.forward(x, t, y)[0])  # flow's real t
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\] \(3 classes, 3 = the null class\), got min 0 max 4"):
         m.forward(x, t, np.array([0, 4]))
     with pytest.raises(ValueError, match="labels must lie"):

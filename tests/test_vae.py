@@ -135,9 +135,12 @@ def test_encode_train_sample_decode(tmp_path):
     sample_main(["--ckpt", run, "--class-labels", "0", "1", "--num-sampling-steps", "2", "--vae", str(vae_path),
                  "--out", grid, "--npz", npz])
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)  # decoded pixels, 8 x 8 latents -> 16 x 16 here
-    with pytest.raises(SystemExit, match="the samples have 4 channels but the VAE's latents have 8"):
-        write_safetensors(vae_path, random_weights(channels=(32, 32), latent=8))
+    write_safetensors(vae_path, random_weights(channels=(32, 32), latent=8))
+    with pytest.raises(SystemExit, match="makes 4-channel samples but the VAE's latents have 8"):
         sample_main(["--ckpt", run, "--class-labels", "0", "--num-sampling-steps", "2", "--vae", str(vae_path),
+                     "--out", grid])
+    with pytest.raises(SystemExit, match="makes 4-channel samples"):  # refused before sampling, not after
+        sample_main(["--ckpt", run, "--class-labels", "0", "--num-sampling-steps", "1000", "--vae", str(vae_path),
                      "--out", grid])
 
 
