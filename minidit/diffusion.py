@@ -241,8 +241,9 @@ class Diffusion:
         return rng.integers(0, self.num_timesteps, size=n)
 
     def model_time(self, t):
-        """Host indices t -> the original steps the network is called with (t itself without respacing)."""
-        return self.timestep_map[t]
+        """Indices t (N,) -> the original steps the network is called with (t itself without respacing), on t's
+        device."""
+        return self._table_on(self.timestep_map, get_xp(t))[t]
 
     def _set_tables(self, betas):
         """All per-step float64 tables (DDPM / IDDPM notation in comments)."""
@@ -417,9 +418,8 @@ class Diffusion:
 
     def _model_timesteps(self, i, x):
         """Respaced index i -> (t, t_model): (N,) int64 arrays on x's module; t_model = timestep_map[t]."""
-        xp = get_xp(x)
-        t = xp.full((x.shape[0],), i, dtype=xp.int64)
-        return t, self._table_on(self.timestep_map, xp)[t]
+        t = get_xp(x).full((x.shape[0],), i, dtype=np.int64)
+        return t, self.model_time(t)
 
     def _indices(self, progress):
         """num_timesteps-1 .. 0, wrapped in a tqdm bar when progress is set."""

@@ -75,8 +75,8 @@ class RectifiedFlow:
         return 1.0 / (1.0 + np.exp(-rng.normal(self.logit_mean, self.logit_std, size=n)))
 
     def model_time(self, t):
-        """What the network is given for time t: 1000 t (SD3's sigma * 1000), so DiT's sinusoid sees the same range
-        as under DDPM."""
+        """What the network is given for time t (an array on any device, or a number): 1000 t (SD3's sigma * 1000),
+        so DiT's sinusoid sees the same range as under DDPM."""
         return 1000.0 * t
 
     def q_sample(self, x_start, t, noise):

@@ -168,9 +168,9 @@ class Run:
         rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
         t = self.objective.sample_t(B, rng)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
-        x0, y, t, t_model, noise = (to_device(a, xp) for a in (x0, y, t, self.objective.model_time(t), noise))
+        x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
         x_t = self.objective.q_sample(x0, t, noise)
-        out, cache = self.net.forward(x_t, t_model, y, train=True, rng=rng)
+        out, cache = self.net.forward(x_t, self.objective.model_time(t), y, train=True, rng=rng)
         loss, _, dout = self.objective.training_loss(out, x0, t, noise)
         grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
         self.opt.step(self.model.params, grads)

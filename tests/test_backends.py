@@ -57,10 +57,10 @@ def make_model(backend, seed=0, dtype=np.float32, **kw):
     return model
 
 
-def make_run(backend, latents, out, seed=0):
+def make_run(backend, latents, out, seed=0, objective="ddpm"):
     args, _ = train_mod.parse_args(["--backend", backend, "--variant", TINY, "--data", latents, "--batch-size", str(N),
-                                    "--lr", str(LR), "--weight-decay", "0.01", "--out", str(out),
-                                    "--threads", "1"])  # numpy unsharded: the strict backend then matches it exactly
+                                    "--lr", str(LR), "--weight-decay", "0.01", "--out", str(out), "--objective",
+                                    objective, "--threads", "1"])  # numpy unsharded: strict then matches it exactly
     run = train_mod.Run(args)
     run.model.load_state_dict(random_state(run.model, seed))  # in place: AdamW keeps tracking the same arrays
     return run
@@ -111,8 +111,9 @@ def arrays_in(obj):
 
 
 # ---------------------------------------------------------------- (1) the training step of minidit.train
-def test_train_step_matches_numpy_without_host_syncs(device_backend, tiny, latents, tmp_path):
-    ref, dev = (make_run(b, latents, tmp_path / b) for b in ("numpy", device_backend))
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_train_step_matches_numpy_without_host_syncs(device_backend, tiny, latents, tmp_path, objective):
+    ref, dev = (make_run(b, latents, tmp_path / b, objective=objective) for b in ("numpy", device_backend))
     for run in (ref, dev):
         run.train_step(0)  # the first step also moves the diffusion tables to the device, once
     ref_loss = ref.train_step(1)
@@ -238,6 +239,21 @@ def test_generate_matches_numpy_and_syncs_once(device_backend, sampler):
         assert_close_to_scale("samples", got, ref, rtol=1e-5)
     else:
         assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_rectified_flow_sampling_matches_numpy_and_syncs_once(sampler):
+    from minidit.flow import RectifiedFlow
+
+    opts = dict(objective=RectifiedFlow(shift=3.0), cfg_scale=4.0, sampler=sampler, seed=5, progress=False,
+                num_sampling_steps=3)
+    ref = generate(make_model("numpy", seed=3, learn_sigma=False), [1, 2, 2], threads=1, **opts)
+    model = make_model("strict", seed=3, learn_sigma=False)
+    generate(model, [1, 2, 2], **opts)  # first use: constant tables move once
+    with strict.track() as traffic:
+        got = generate(model, [1, 2, 2], **opts)
+    assert len(traffic.syncs) == 1 and "sample.py" in traffic.syncs[0], traffic.syncs  # the final to_numpy
+    np.testing.assert_array_equal(got, ref)
 
 
 # ---------------------------------------------------------------- (4) checkpoints
