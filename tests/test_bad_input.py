@@ -146,7 +146,12 @@ ROWS = [
     ("sample", ["--ckpt", "{run}", "--num-sampling-steps", "0"], 2, "sampling steps in [2, 1000]"),
     ("sample", ["--ckpt", "{run}", "--per-class", "0"], 2, "positive integer"),
     ("sample", ["--ckpt", "{run}", "--per-class", "100000000", "--out", "{dir}/x.png"], 1, "GiB in one call"),
-    ("sample", ["--ckpt", "{run}", "--sampler", "euler"], 2, "invalid choice"),
+    ("sample", ["--ckpt", "{run}", "--sampler", "dpm"], 2, "invalid choice"),
+    ("sample", ["--ckpt", "{run}", "--sampler", "euler", "--out", "{dir}/x.png"], 1, "unknown sampler 'euler'"),
+    ("sample", ["--ckpt", "{run}", "--shift", "3", "--out", "{dir}/x.png"], 1, "--shift is for rectified-flow"),
+    ("sample", ["--ckpt", "{run}", "--shift", "0"], 2, "positive number"),
+    ("train", ["--objective", "flow", "--learn-sigma", "--out", "{dir}/ls"], 1, "--learn-sigma is for"),
+    ("train", ["--objective", "score"], 2, "invalid choice"),
     ("sample", ["--ckpt", "{run}", "--no-ema", "--ckpt", "{weights}", "--out", "{dir}/x.png"], 1, "raw model"),
     ("sample", ["--ckpt", "{run}", "--vae", "{dir}/vae.safetensors", "--out", "{dir}/x.png"], 1, "no such file"),
     # evaluate
