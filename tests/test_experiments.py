@@ -12,7 +12,10 @@ def test_configurations():
     assert list(configurations(parse_args(["conditioning"]))) == ["adaln-zero", "adaln", "cross-attention",
                                                                   "in-context"]
     assert configurations(parse_args(["scaling", "--variants", "mini/4", "S/8"])) == {
-        "mini-4": ("mini/4", "adaln-zero"), "S-8": ("S/8", "adaln-zero")}
+        "mini-4": ("mini/4", "adaln-zero", "ddpm"), "S-8": ("S/8", "adaln-zero", "ddpm")}
+    assert configurations(parse_args(["objective"])) == {"ddpm": ("mini/4", "adaln-zero", "ddpm"),
+                                                         "flow": ("mini/4", "adaln-zero", "flow")}
+    assert parse_args(["objective"]).sample_steps == [10, 25, 50] and parse_args(["scaling"]).sample_steps == [50]
     assert parse_args(["scaling"]).out == os.path.join("results", "scaling")
 
 
@@ -34,3 +37,16 @@ def test_conditioning_runs_scores_and_resumes(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)["results"]["adaln"]
     assert again["loss_values"] == results["adaln"]["loss_values"]
+
+
+def test_objective_scores_both_objectives_at_each_step_count(tmp_path):
+    out = str(tmp_path / "obj")
+    main(["objective", "--out", out, "--steps", "2", "--batch-size", "4", "--per-class", "1",
+          "--sample-steps", "2", "3"])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)["results"]
+    assert list(results) == ["ddpm", "flow"] and results["flow"]["objective"] == "flow"
+    assert set(results["ddpm"]["scores"]) == {"2", "3"}
+    assert results["ddpm"]["scores"]["2"]["sampler"] == "ddpm" and results["flow"]["scores"]["3"]["sampler"] == "euler"
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| flow | mini/4 | adaln-zero |" in table and "euler 3" in table and "ddpm 2" in table

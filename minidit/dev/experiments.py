@@ -1,7 +1,10 @@
-"""The paper's design studies at small scale: `python -m minidit.dev.experiments conditioning|scaling`.
+"""The paper's design studies at small scale: `python -m minidit.dev.experiments conditioning|scaling|objective`.
 
     conditioning   the four ways of feeding t and the class (--block), one model size (paper Table 4 / Figure 5)
     scaling        several model sizes and patch sizes with adaLN-Zero (paper Figure 2 / Table 4)
+    objective      the same DiT trained with DDPM and with rectified flow (SiT's experiment; SD3's objective),
+                   scored at several sampling-step counts: their training losses measure different things, so only
+                   the samples can be compared
 
 Every configuration trains on the same data with the same seed, batch, learning rate and number of steps (through
 minidit.train, so each run is an ordinary run directory that can be resumed or sampled), then draws
@@ -22,12 +25,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 from .. import train as train_mod
 from ..cli import nonnegative_float, nonnegative_int, positive_float, positive_int, run, sampling_steps
-from ..checkpoint import load_checkpoint, load_model
+from ..checkpoint import load, load_checkpoint
 from ..data import to_uint8_nhwc
 from .evaluate import evaluate
 from ..model import BLOCK_TYPES
@@ -37,11 +41,11 @@ from ..sample import generate
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["conditioning", "scaling"])
+    ap.add_argument("experiment", choices=["conditioning", "scaling", "objective"])
     ap.add_argument("--backend", default="numpy", help="numpy, cupy or strict (default numpy)")
     ap.add_argument("--blocks", nargs="+", default=list(BLOCK_TYPES), choices=BLOCK_TYPES,
                     help="conditioning: the designs to compare (default: all four)")
-    ap.add_argument("--variant", default="mini/4", help="conditioning: the model (default mini/4)")
+    ap.add_argument("--variant", default="mini/4", help="conditioning, objective: the model (default mini/4)")
     ap.add_argument("--variants", nargs="+", default=["mini/4", "mini/2", "S/4"],
                     help="scaling: the models (default mini/4 mini/2 S/4)")
     ap.add_argument("--image-size", type=positive_int, default=16, help="digit image side (default 16, as the CPU demo)")
@@ -51,25 +55,31 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
     ap.add_argument("--lr", type=positive_float, default=1e-3, help="default 1e-3 (the mini variants' default)")
     ap.add_argument("--per-class", type=positive_int, default=10, help="samples per class for the score (default 10)")
-    ap.add_argument("--sample-steps", type=sampling_steps, default=50, help="DDPM steps of the scored samples (default 50)")
+    ap.add_argument("--sample-steps", type=sampling_steps, nargs="+", default=None,
+                    help="sampling steps of the scored samples, each scored (DDPM steps, or Euler steps for flow; "
+                         "default 50, and 10 25 50 for the objective experiment)")
     ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance of the scored samples (default 4)")
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--out", default=None, help="default results/<experiment>")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join("results", args.experiment)
     if args.steps is None:
-        args.steps = 2000 if args.experiment == "conditioning" else 1000
+        args.steps = 1000 if args.experiment == "scaling" else 2000
+    if args.sample_steps is None:
+        args.sample_steps = [10, 25, 50] if args.experiment == "objective" else [50]
     return args
 
 
 def configurations(args):
-    """name -> (variant, block)."""
+    """name -> (variant, block, objective)."""
     if args.experiment == "conditioning":
-        return {block: (args.variant, block) for block in args.blocks}
-    return {variant.replace("/", "-"): (variant, "adaln-zero") for variant in args.variants}
+        return {block: (args.variant, block, "ddpm") for block in args.blocks}
+    if args.experiment == "objective":
+        return {objective: (args.variant, "adaln-zero", objective) for objective in ("ddpm", "flow")}
+    return {variant.replace("/", "-"): (variant, "adaln-zero", "ddpm") for variant in args.variants}
 
 
-def train_config(args, run_dir, variant, block):
+def train_config(args, run_dir, variant, block, objective):
     """Train (or finish training) one configuration."""
     ckpt = os.path.join(run_dir, "checkpoint.npz")
     if os.path.exists(ckpt):
@@ -78,7 +88,8 @@ def train_config(args, run_dir, variant, block):
             return
         argv = ["--resume", run_dir, "--steps", str(args.steps)]
     else:
-        argv = ["--backend", args.backend, "--variant", variant, "--block", block, "--data", "digits",
+        argv = ["--backend", args.backend, "--variant", variant, "--block", block, "--objective", objective,
+                "--data", "digits",
                 "--image-size", str(args.image_size), "--channels", str(args.channels),
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
                 "--seed", str(args.seed), "--out", run_dir, "--log-every", str(max(1, args.steps // 20)),
@@ -99,32 +110,43 @@ def loss_curve(run_dir, steps):
     return [(i + 1) * w for i in range(n)], losses[:n * w].reshape(n, w).mean(axis=1).tolist()
 
 
+SCORES = ("accuracy", "min_class_accuracy", "per_class_accuracy", "frechet_distance", "reference_frechet_distance")
+
+
 def score(args, run_dir):
-    """Guided samples of every class from the run's EMA weights, scored by minidit.dev.evaluate."""
-    model = load_model(run_dir, backend=args.backend)
+    """Guided samples of every class from the run's EMA weights at each --sample-steps count, with the sampler of
+    the run's objective (DDPM, or Euler for flow), scored by minidit.dev.evaluate: {steps: scores}, and seconds."""
+    model, objective, _ = load(run_dir, backend=args.backend)
     labels = np.repeat(np.arange(model.num_classes), args.per_class)
-    images = generate(model, labels, cfg_scale=args.cfg_scale, num_sampling_steps=args.sample_steps,
-                      seed=args.seed, clip_denoised=True, progress=True)
-    r = evaluate(to_uint8_nhwc(images), labels)
-    return model, r
+    scores = {}
+    for steps in args.sample_steps:
+        start = time.perf_counter()
+        images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale, num_sampling_steps=steps,
+                          seed=args.seed, clip_denoised=True, progress=True)
+        r = evaluate(to_uint8_nhwc(images), labels)
+        scores[steps] = dict({k: r[k] for k in SCORES}, sampler=objective.SAMPLERS[0],
+                             seconds=round(time.perf_counter() - start, 2))
+    return model, scores
 
 
 def write_table(args, results, path):
     lines = [f"# {args.experiment}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
              f"digits {args.image_size}x{args.image_size}x{args.channels}, backend {args.backend}",
              "",
-             f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, {args.sample_steps} DDPM "
-             "steps, EMA weights), classified by minidit.dev.evaluate's digit classifier. Final loss: the mean training "
-             "loss of the last 5% of the steps (the last point of the curves).",
+             f"Scores: {args.per_class} guided samples per class (cfg {args.cfg_scale}, EMA weights, the objective's "
+             "sampler: DDPM, or Euler for flow), classified by minidit.dev.evaluate's digit classifier; sampling "
+             "seconds on this machine. Final loss: the mean training loss of the last 5% of the steps (the last "
+             "point of the curves; a DDPM and a flow loss are not on the same scale).",
              "",
-             "| configuration | variant | block | params | GMACs/image | final loss | accuracy | lowest class | "
-             "Frechet distance |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| configuration | variant | block | params | GMACs/image | final loss | sampler, steps | accuracy | "
+             "lowest class | Frechet distance | seconds |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['variant']} | {r['block']} | {r['params']:,} | {r['gmacs']:.4f} | "
-                     f"{r['final_loss']:.4f} | {r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | "
-                     f"{r['frechet_distance']:.1f} |")
-    floor = next(iter(results.values()))["reference_frechet_distance"]
+        for steps, sc in r["scores"].items():
+            lines.append(f"| {name} | {r['variant']} | {r['block']} | {r['params']:,} | {r['gmacs']:.4f} | "
+                         f"{r['final_loss']:.4f} | {sc['sampler']} {steps} | {sc['accuracy']:.3f} | "
+                         f"{sc['min_class_accuracy']:.3f} | {sc['frechet_distance']:.1f} | {sc['seconds']:.1f} |")
+    floor = next(iter(next(iter(results.values()))["scores"].values()))["reference_frechet_distance"]
     lines += ["", f"Frechet distance of as many real held-out digits (the floor): {floor:.1f}. "
               "Chance accuracy is 0.100."]
     with open(path, "w") as f:
@@ -160,17 +182,15 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     results = {}
-    for name, (variant, block) in configurations(args).items():
+    for name, (variant, block, objective) in configurations(args).items():
         run_dir = os.path.join(args.out, name)
-        print(f"== {args.experiment}: {name} ({variant}, {block}, {args.steps} steps)")
-        run(train_config, args, run_dir, variant, block)
-        model, r = run(score, args, run_dir)
+        print(f"== {args.experiment}: {name} ({variant}, {block}, {objective}, {args.steps} steps)")
+        run(train_config, args, run_dir, variant, block, objective)
+        model, scores = run(score, args, run_dir)
         steps, values = loss_curve(run_dir, args.steps)
-        results[name] = dict(variant=variant, block=block, params=model.num_params(), gmacs=model.gmacs(),
-                             steps=args.steps, final_loss=values[-1], loss_steps=steps, loss_values=values,
-                             **{k: r[k] for k in (
-                                 "accuracy", "min_class_accuracy", "per_class_accuracy", "frechet_distance",
-                                 "reference_frechet_distance")})
+        results[name] = dict(variant=variant, block=block, objective=objective, params=model.num_params(),
+                             gmacs=model.gmacs(), steps=args.steps, final_loss=values[-1], loss_steps=steps,
+                             loss_values=values, scores=scores, **scores[args.sample_steps[-1]])
         with open(results_path, "w") as f:  # after every configuration: nothing measured is lost
             json.dump(dict(args=vars(args), results=results), f, indent=1)
     write_table(args, results, os.path.join(args.out, "results.md"))
