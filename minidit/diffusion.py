@@ -197,7 +197,7 @@ class Diffusion:
     """
 
     kind = "ddpm"
-    SAMPLERS = ("ddpm", "ddim")
+    SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
     def __init__(self, timestep_respacing="", learn_sigma=True, noise_schedule="linear", diffusion_steps=1000):
         self.learn_sigma = learn_sigma
@@ -474,12 +474,61 @@ class Diffusion:
             x = self.ddim_sample(model_fn(x, t_model), x, t, rng, eta=eta, clip_denoised=clip_denoised)
         return x
 
+    def dpm_solver_timesteps(self):
+        """The num_timesteps original steps DPM-Solver++ visits: diffusers' "linspace" spacing over the whole schedule,
+        round(linspace(0, T - 1, n + 1)) from the top, without the last (0): e.g. n = 20 -> 999, 949, ..., 50."""
+        T = self.original_num_steps
+        return np.linspace(0, T - 1, self.num_timesteps + 1).round()[::-1][:-1].astype(np.int64)
+
+    def dpm_solver_sample_loop(self, model_fn, noise, clip_denoised=False, progress=False):
+        """DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction), as diffusers' DPMSolverMultistepScheduler
+        (algorithm_type "dpmsolver++", solver_order 2, midpoint, final sigma 0) computes it, in num_timesteps steps.
+
+        With sig_t = sqrt((1 - ab_t) / ab_t), alpha_t = 1 / sqrt(1 + sig_t^2), sigma_t = sig_t alpha_t and
+        lambda_t = log alpha_t - log sigma_t (the half log-SNR), at each visited step s -> t (h = lambda_t - lambda_s):
+            x0_s   = (x - sigma_s eps) / alpha_s                      the data prediction (eps: the first C channels)
+            D      = x0_s                                             first step: first order (DPM-Solver++ 1)
+            D      = x0_s + (x0_s - x0_prev) / (2 r),  r = h_prev / h  later steps: second order, multistep
+            x_t    = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) D
+        and the last step, to sigma = 0, is first order: x_0 = x0_s. No noise is drawn: the solver is deterministic.
+        """
+        ab = np.cumprod(1.0 - get_beta_schedule(self.noise_schedule, self.original_num_steps))
+        steps = self.dpm_solver_timesteps()
+        sig = np.append(np.sqrt((1.0 - ab[steps]) / ab[steps]), 0.0)  # (n + 1,), the last one 0
+        alpha = 1.0 / np.sqrt(1.0 + sig ** 2)
+        sigma = sig * alpha
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)  # +inf at sigma = 0 (never used in a difference)
+        xp = get_xp(noise)
+        C = noise.shape[1]
+        x, x0_prev = noise, None
+        loop = range(self.num_timesteps)  # i = 0 .. n-1: from the noisiest visited step down
+        if progress:
+            from tqdm.auto import tqdm
+
+            loop = tqdm(loop, desc=f"dpm++2m ({self.num_timesteps} steps)")
+        for i in loop:
+            eps = model_fn(x, xp.full((x.shape[0],), steps[i], dtype=np.int64))[:, :C]  # learned sigma ignored
+            x0 = (x - float(sigma[i]) * eps) / float(alpha[i])
+            if clip_denoised:
+                x0 = xp.clip(x0, -1.0, 1.0)
+            if sig[i + 1] == 0:  # the last step: lambda = inf, e^-h = 0, x_t = alpha_t x0 = x0
+                x = x0
+            else:
+                h = lam[i + 1] - lam[i]
+                D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (0.5 * h / (lam[i] - lam[i - 1]))
+                x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * D
+            x0_prev = x0
+        return x
+
     def sample(self, model_fn, noise, rng, sampler="ddpm", eta=0.0, clip_denoised=False, progress=False):
         """x_0 from x_T = noise with one of SAMPLERS (the loops above); model_fn(x_t, t_model) -> network output."""
         if sampler == "ddpm":
             return self.p_sample_loop(model_fn, noise, rng, clip_denoised=clip_denoised, progress=progress)
         if sampler == "ddim":
             return self.ddim_sample_loop(model_fn, noise, rng, eta=eta, clip_denoised=clip_denoised, progress=progress)
+        if sampler == "dpm++2m":
+            return self.dpm_solver_sample_loop(model_fn, noise, clip_denoised=clip_denoised, progress=progress)
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(self.SAMPLERS)}")
 
 

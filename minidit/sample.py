@@ -107,7 +107,8 @@ def parse_args(argv=None):
     ap.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
                     help="respaced number of diffusion steps")
     ap.add_argument("--sampler", choices=Diffusion.SAMPLERS + RectifiedFlow.SAMPLERS, default=None,
-                    help="ddpm or ddim for a DDPM model, euler or heun for a rectified-flow one (default: the first)")
+                    help="ddpm, ddim or dpm++2m (DPM-Solver++(2M), deterministic, ~20 steps) for a DDPM model; euler or "
+                         "heun for a rectified-flow one (default: ddpm, or euler)")
     ap.add_argument("--shift", type=positive_float, default=None,
                     help="rectified flow: SD3's time shift a of the sampling grid, t' = a t / (1 + (a - 1) t) "
                          "(1 = none; default: the checkpoint's, 1)")
