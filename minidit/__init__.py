@@ -12,6 +12,7 @@ The mainline, in reading order (each module imports only the ones before it):
     backend       a backend by name: numpy, cupy, strict
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
+    mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks

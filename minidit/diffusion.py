@@ -491,6 +491,7 @@ class Diffusion:
             D      = x0_s + (x0_s - x0_prev) / (2 r),  r = h_prev / h  later steps: second order, multistep
             x_t    = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) D
         and the last step, to sigma = 0, is first order: x_0 = x0_s. No noise is drawn: the solver is deterministic.
+        The coefficients are float64 on the host and enter as Python floats, so float32 samples stay float32.
         """
         ab = np.cumprod(1.0 - get_beta_schedule(self.noise_schedule, self.original_num_steps))
         steps = self.dpm_solver_timesteps()
@@ -516,7 +517,7 @@ class Diffusion:
                 x = x0
             else:
                 h = lam[i + 1] - lam[i]
-                D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (0.5 * h / (lam[i] - lam[i - 1]))
+                D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * float(0.5 * h / (lam[i] - lam[i - 1]))
                 x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * D
             x0_prev = x0
         return x

@@ -576,3 +576,42 @@ def final_layer_backward(dout, cache):
     dx, dshift, dscale = adaln_backward(dh, cache.adaln)
     dc_act, dw_mod, db_mod = linear_backward(get_xp(dout).concatenate([dshift, dscale], axis=1), cache.modulation)
     return dx, dc_act, dw_mod, db_mod, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm with a learned weight, over the last axis (SD3's qk norm):  y = x * rsqrt(mean(x^2) + eps) * w
+# ----------------------------------------------------------------------------------------------
+class RMSNormCache(NamedTuple):
+    xhat: Array  # (..., D) x * rstd, before the weight
+    rstd: Array  # (..., 1) 1 / sqrt(mean(x^2) + eps)
+    w: Array  # (D,) the weight
+
+
+def rmsnorm_forward(x, w, eps=1e-6):
+    """x (..., D), w (D,) -> y (..., D):  xhat = x / sqrt(mean(x^2) + eps) (mean over the last axis),  y = xhat * w.
+
+    No centring and no bias (diffusers' RMSNorm with elementwise_affine=True, bias=False)."""
+    rstd = 1.0 / ((x * x).mean(axis=-1, keepdims=True) + eps) ** 0.5
+    xhat = x * rstd
+    return xhat * w, RMSNormCache(xhat, rstd, w)
+
+
+def rmsnorm_backward(dy, cache):
+    """Returns dx, dw.
+
+    dw = sum over every leading axis of dy * xhat;  with g = dy * w (the gradient of xhat),
+    dx = rstd * (g - xhat * mean(g * xhat)):  from xhat_i = x_i rstd and d rstd / dx_j = -rstd^3 x_j / D.
+    """
+    xhat, rstd, w = cache
+    D = xhat.shape[-1]
+    dw = sum_rows((dy * xhat).reshape(-1, D))
+    g = dy * w
+    return (g - xhat * (g * xhat).mean(axis=-1, keepdims=True)) * rstd, dw
+
+
+def unpatchify_grid(x, p, C, h, w):
+    """(N, h*w, p*p*C) -> (N, C, h*p, w*p) for an h x w grid of tokens (row-major), each token's vector ordered
+    (p_row, p_col, c) as in unpatchify, which is the square case; the backward is unpatchify_backward."""
+    N = x.shape[0]
+    x = x.reshape(N, h, w, p, p, C).transpose(0, 5, 1, 3, 2, 4)  # (N, C, h, p_row, w, p_col)
+    return x.reshape(N, C, h * p, w * p)

@@ -262,3 +262,35 @@ def test_the_pieces_compose_a_joint_attention(seed, N, T, S, NH, hs):
     whole, _ = L.attention_forward(np.concatenate([same["x"], same["c"]], axis=1), same["wx"], same["bx"],
                                    same["px"], same["pbx"], NH)
     np.testing.assert_allclose(joint, whole, rtol=1e-10, atol=1e-10)
+
+
+@given(seed=seeds, N=st.integers(1, 2), NH=st.integers(1, 3), T=st.integers(1, 4), D=st.integers(1, 8),
+       scale=st.floats(0.1, 10))
+def test_rmsnorm(seed, N, NH, T, D, scale):
+    """On (N, NH, T, hs) as MM-DiT's qk norm uses it: the weight's gradient sums over every leading axis."""
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, NH, T, D, scale=scale), w=randn(rng, D))
+    check((L.rmsnorm_forward, L.rmsnorm_backward), ["x", "w"], inputs, rng)
+
+
+def test_rmsnorm_matches_definition(rng):
+    x, w = randn(rng, 2, 3, 7, scale=3), randn(rng, 7)
+    y, _ = L.rmsnorm_forward(x, w)
+    np.testing.assert_allclose(y, x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * w, rtol=1e-12, atol=1e-12)
+    y32, _ = L.rmsnorm_forward(x.astype(np.float32), w.astype(np.float32))
+    assert y32.dtype == np.float32
+
+
+@given(seed=seeds, N=st.integers(1, 2), C=st.integers(1, 3), p=st.sampled_from([1, 2]), h=st.integers(1, 3),
+       w=st.integers(1, 3))
+def test_unpatchify_grid(seed, N, C, p, h, w):
+    """The h x w case of unpatchify (the same token layout); unpatchify_backward is its inverse."""
+    rng = np.random.default_rng(seed)
+    x = randn(rng, N, h * w, p * p * C)
+    img = L.unpatchify_grid(x, p, C, h, w)
+    assert img.shape == (N, C, h * p, w * p)
+    np.testing.assert_array_equal(L.unpatchify_backward(img, p), x)
+    if h == w:
+        np.testing.assert_array_equal(img, L.unpatchify(x, p, C))
+    n, row, col, i, j, c = N - 1, h - 1, w - 1, p - 1, 0, C - 1
+    assert img[n, c, row * p + i, col * p + j] == x[n, row * w + col, (i * p + j) * C + c]
