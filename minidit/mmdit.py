@@ -36,9 +36,11 @@ Every other name is diffusers' own (pos_embed.proj, time_text_embed.timestep_emb
 proj_out); to_diffusers_state_dict / from_diffusers_state_dict split and stack q, k, v and rename nothing else, so a
 diffusers checkpoint loads by name. `pos_embed.pos_embed` (1, M*M, D), M = pos_embed_max_size, is a persistent
 buffer in diffusers (in its state_dict, requires_grad False): here it is a frozen parameter, stored, loaded and saved,
-never given a gradient.
+never given a gradient. A fresh table is diffusers' (sd3_pos_embed, bit for bit in float32): the grid positions are
+i / (M / base_size) with base_size = sample_size // patch_size, so it is DiT's integer-grid table
+(minidit.layers.get_2d_sincos_pos_embed) only when base_size = M.
 
-Where this departs from diffusers (each checked in tests/test_sd3_diffusers.py):
+Where this departs from diffusers (the numerical points measured in tests/test_sd3_diffusers.py):
 
   * RMSNorm: diffusers computes mean(x^2) in float32 whatever the input dtype; here it is computed in the input
     dtype. Identical in float32; in a float64 diffusers model the qk norm is therefore only float32-accurate.
@@ -353,8 +355,7 @@ def text_projection_backward(dout, cache):
 class JointAttentionCache(NamedTuple):
     qkv: LinearCache  # image stream
     add_qkv: LinearCache  # text stream
-    norms: dict  # "norm_q", "norm_k", "norm_added_q", "norm_added_k" -> RMSNormCache (qk_norm only; no norm_added_q
-    #                 in a pre-only block)
+    norms: dict  # qk_norm only: "norm_q", "norm_k", "norm_added_q" (not when pre_only), "norm_added_k" -> RMSNormCache
     attend: Any  # AttendCache over the T + S keys
     to_out: LinearCache
     to_add_out: Any  # LinearCache, None in a pre-only block

@@ -5,6 +5,8 @@
     objective      the same DiT trained with DDPM and with rectified flow (SiT's experiment; SD3's objective),
                    scored at several sampling-step counts: their training losses measure different things, so only
                    the samples can be compared
+    samplers       no training: one checkpoint (--ckpt) sampled with each sampler and step count of --samplers at
+                   each --cfg-scales, scored, with the sampling time (DDPM 250, DDIM 50, DPM-Solver++ 10/20/50)
 
 Every configuration trains on the same data with the same seed, batch, learning rate and number of steps (through
 minidit.train, so each run is an ordinary run directory that can be resumed or sampled), then draws
@@ -41,7 +43,12 @@ from ..sample import generate
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["conditioning", "scaling", "objective"])
+    ap.add_argument("experiment", choices=["conditioning", "scaling", "objective", "samplers"])
+    ap.add_argument("--ckpt", default="runs/default", help="samplers: the checkpoint to sample (default runs/default)")
+    ap.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++2m:10", "dpm++2m:20", "dpm++2m:50"],
+                    help="samplers: SAMPLER:STEPS pairs (default: ddpm:250 ddim:50 dpm++2m:10 dpm++2m:20 dpm++2m:50)")
+    ap.add_argument("--cfg-scales", type=nonnegative_float, nargs="+", default=[1.5, 4.0],
+                    help="samplers: the guidance scales (default 1.5 4)")
     ap.add_argument("--backend", default="numpy", help="numpy, cupy or strict (default numpy)")
     ap.add_argument("--blocks", nargs="+", default=list(BLOCK_TYPES), choices=BLOCK_TYPES,
                     help="conditioning: the designs to compare (default: all four)")
@@ -177,9 +184,41 @@ def write_plot(args, results, path):
     return True
 
 
+def compare_samplers(args):
+    """The samplers experiment: {(cfg, sampler, steps): scores and seconds}, written as results.md/json."""
+    model, objective, meta = load(args.ckpt, backend=args.backend)
+    labels = np.repeat(np.arange(model.num_classes), args.per_class)
+    rows = []
+    for cfg in args.cfg_scales:
+        for pair in args.samplers:
+            sampler, _, steps = pair.partition(":")
+            start = time.perf_counter()
+            images = generate(model, labels, objective=objective, cfg_scale=cfg, num_sampling_steps=int(steps),
+                              sampler=sampler, seed=args.seed, clip_denoised=True, progress=False)
+            seconds = time.perf_counter() - start
+            r = evaluate(to_uint8_nhwc(images), labels)
+            rows.append(dict(cfg=cfg, sampler=sampler, steps=int(steps), seconds=round(seconds, 2),
+                             **{k: r[k] for k in SCORES}))
+            print(f"cfg {cfg} {sampler} {steps}: accuracy {r['accuracy']:.3f}, lowest {r['min_class_accuracy']:.2f}, "
+                  f"Frechet {r['frechet_distance']:.1f}, {seconds:.1f} s")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(args=vars(args), step=meta.get("step"), rows=rows), f, indent=1)
+    lines = [f"# samplers: {args.ckpt} (step {meta.get('step')}), {args.per_class} samples per class, seed {args.seed}",
+             "", "| guidance | sampler | steps | accuracy | lowest class | Frechet distance | seconds |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['cfg']:g} | {r['sampler']} | {r['steps']} | {r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | "
+              f"{r['frechet_distance']:.1f} | {r['seconds']:.1f} |" for r in rows]
+    lines += ["", f"Frechet distance of as many real digits (the floor): {rows[0]['reference_frechet_distance']:.1f}."]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.experiment == "samplers":
+        return run(compare_samplers, args)
     results_path = os.path.join(args.out, "results.json")
     results = {}
     for name, (variant, block, objective) in configurations(args).items():
