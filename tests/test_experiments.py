@@ -50,3 +50,19 @@ def test_objective_scores_both_objectives_at_each_step_count(tmp_path):
     assert results["ddpm"]["scores"]["2"]["sampler"] == "ddpm" and results["flow"]["scores"]["3"]["sampler"] == "euler"
     table = open(os.path.join(out, "results.md")).read()
     assert "| flow | mini/4 | adaln-zero |" in table and "euler 3" in table and "ddpm 2" in table
+
+
+def test_samplers_scores_one_checkpoint_with_each_sampler(tmp_path):
+    from minidit import train as train_mod
+
+    run = str(tmp_path / "run")
+    train_mod.main(["--variant", "mini/4", "--batch-size", "4", "--steps", "2", "--out", run, "--no-final-samples"])
+    out = str(tmp_path / "samplers")
+    main(["samplers", "--ckpt", run, "--out", out, "--per-class", "1", "--samplers", "ddpm:3", "dpm++2m:2",
+          "--cfg-scales", "1.5", "4"])
+    with open(os.path.join(out, "results.json")) as f:
+        rows = json.load(f)["rows"]
+    assert [(r["cfg"], r["sampler"], r["steps"]) for r in rows] == [(1.5, "ddpm", 3), (1.5, "dpm++2m", 2),
+                                                                    (4.0, "ddpm", 3), (4.0, "dpm++2m", 2)]
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "| 4 | dpm++2m | 2 |" in open(os.path.join(out, "results.md")).read()
