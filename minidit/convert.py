@@ -1,7 +1,14 @@
-"""Official DiT checkpoints -> minidit's own safe format, once:
+"""Official DiT checkpoints, and diffusers' SD3 transformer folders, -> minidit's own safe format, once:
 
     python -m minidit.convert DiT-XL-2-256x256.pt dit-xl2-256.npz
     python -m minidit.sample --ckpt dit-xl2-256.npz --class-labels 207 360 387 974 --guide-channels 3 ...
+    python -m minidit.convert stable-diffusion-3-medium-diffusers/transformer sd3-medium.npz
+
+An SD3 folder is diffusers' SD3Transformer2DModel layout: config.json and diffusion_pytorch_model.safetensors (or
+its shards with diffusion_pytorch_model.safetensors.index.json). It is read without PyTorch; the weights become a
+minidit.mmdit.MMDiT with the rectified-flow objective, its time shift taken from ../scheduler/scheduler_config.json
+when that file is there (SD3 ships 3.0), else 1. minidit ships no text encoder: sampling such a model needs the
+CLIP / T5 embeddings (`context`, `pooled`) computed elsewhere.
 
 Reads what facebookresearch/DiT publishes and writes: a pretrained `DiT-XL-2-256x256.pt` / `-512x512.pt` (a plain
 state dict), or a checkpoint of its train.py (a dict with "model", "ema", "opt", "args": the "ema" weights are used,
@@ -16,6 +23,7 @@ row is the null class of guidance) and the final layer whether sigma is learned.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -23,8 +31,12 @@ import re
 from .checkpoint import save_weights
 from .cli import output_file, run
 from .diffusion import Diffusion
+from .flow import RectifiedFlow
+from .mmdit import MMDiTSpec, from_diffusers_state_dict
+from .mmdit import param_shapes as mmdit_param_shapes
 from .model import VARIANTS, DiTSpec, param_shapes
 from .params import check_keys
+from .vae import read_safetensors
 
 
 def read_torch_checkpoint(path):
@@ -91,12 +103,64 @@ def convert(src, dst):
     return meta, used
 
 
+SD3_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def read_sd3_folder(folder):
+    """(MMDiTSpec, diffusers state dict as float32 arrays, time shift) of a diffusers SD3Transformer2DModel folder."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder!r} has no config.json: give the transformer folder of a diffusers SD3 "
+                                f"model (config.json + {SD3_WEIGHTS})")
+    with open(config_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path!r} is not JSON ({e})") from None
+    if config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
+        raise ValueError(f"{config_path!r} describes a {config['_class_name']}, not an SD3Transformer2DModel")
+    spec = MMDiTSpec.of(config)
+    single, index = os.path.join(folder, SD3_WEIGHTS), os.path.join(folder, SD3_WEIGHTS + ".index.json")
+    if os.path.isfile(single):
+        state = read_safetensors(single)
+    elif os.path.isfile(index):  # sharded: the index maps every tensor to its file
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {k: v for name in files for k, v in read_safetensors(os.path.join(folder, name)).items()}
+    else:
+        raise FileNotFoundError(f"{folder!r} has no {SD3_WEIGHTS} (nor its .index.json shards)")
+    shift = 1.0
+    scheduler = os.path.join(os.path.dirname(os.path.abspath(folder)), "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler):
+        with open(scheduler) as f:
+            shift = float(json.load(f).get("shift", 1.0))
+    return spec, state, shift
+
+
+def convert_sd3(src, dst):
+    """Convert a diffusers SD3 transformer folder to dst (.npz); every name and shape checked first."""
+    output_file(dst, (".npz",), "the output")
+    spec, state, shift = read_sd3_folder(src)
+    params = from_diffusers_state_dict(state)
+    expected = mmdit_param_shapes(spec)
+    check_keys(params, expected, f"{src!r} does not match the MM-DiT its config.json describes", expected)
+    save_weights(dst, spec.to_dict(), RectifiedFlow(shift=shift).spec(), params, source=os.path.basename(
+        os.path.normpath(src)), weights="diffusers")
+    return spec, shift
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint)")
+    ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint), or a diffusers "
+                                "SD3Transformer2DModel folder (config.json + diffusion_pytorch_model.safetensors)")
     ap.add_argument("dst", help="the minidit checkpoint (.npz) to write")
     args = ap.parse_args(argv)
+    if os.path.isdir(args.src):
+        spec, shift = run(convert_sd3, args.src, args.dst)
+        print(f"wrote {args.dst}: MM-DiT, {spec.num_layers} layers, hidden {spec.inner_dim}, qk_norm {spec.qk_norm}, "
+              f"rectified flow with shift {shift:g}; it needs CLIP/T5 embeddings to sample (no text encoder here)")
+        return
     meta, used = run(convert, args.src, args.dst)
     print(f"wrote {args.dst}: DiT {meta['variant']} at input {meta['input_size']}, {meta['in_channels']} channels, "
           f"{meta['num_classes']} classes, learn_sigma={meta['learn_sigma']} (weights: {used}); sample it with "

@@ -170,6 +170,7 @@ ROWS = [
     # convert
     ("convert", ["{dir}/model.pt", "{dir}/out.safetensors"], 1, "must be an .npz file"),
     ("convert", ["{dir}/model.pt", "{dir}"], 1, "must be an .npz file"),
+    ("convert", ["{images}", "{dir}/sd3.npz"], 1, "has no config.json"),
     # bench
     ("bench", ["--steps", "0"], 2, "positive integer"),
     ("bench", ["--variant", "Q/3", "--no-memory"], 1, "unknown DiT variant"),

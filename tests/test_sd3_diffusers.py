@@ -221,3 +221,27 @@ def test_dual_attention_is_refused():
         MMDiTSpec.of(dict(dm.config))
     with pytest.raises(ValueError, match="MMDiT-X"):
         from_diffusers_state_dict(dm.state_dict())
+
+
+@pytest.mark.parametrize("qk_norm", QK_NORMS)
+def test_convert_a_saved_diffusers_folder(qk_norm, tmp_path):
+    """python -m minidit.convert reads a folder written by save_pretrained (config.json + safetensors) without torch's
+    help, and the converted checkpoint loads as an MM-DiT with the scheduler's shift and diffusers' output."""
+    import json
+
+    from minidit.checkpoint import load
+    from minidit.convert import main as convert_main
+
+    dm = diffusers_model(qk_norm).float()
+    dm.save_pretrained(tmp_path / "transformer")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 3.0}))
+    convert_main([str(tmp_path / "transformer"), str(tmp_path / "sd3.npz")])
+    model, objective, meta = load(tmp_path / "sd3.npz")
+    assert isinstance(model, MMDiT) and objective.kind == "flow" and objective.shift == 3.0
+    inp = inputs()
+    ours, _ = model.forward(*(inp[k].astype(np.float32) for k in ("x", "t", "context", "pooled")), cache=False)
+    ref, _ = run_diffusers(dm, inp, dtype=torch.float32)
+    assert rel(ours, ref.detach().numpy()) < 1e-4
+    with pytest.raises(SystemExit, match="has no config.json"):
+        convert_main([str(tmp_path / "scheduler"), str(tmp_path / "x.npz")])
