@@ -53,3 +53,15 @@ def test_sampling_mode_reports_time_and_memory(capsys):
     out = capsys.readouterr().out
     assert "2 guided DDPM steps:" in out and "peak resident memory" in out
     assert "VAE decode of 2 latents -> (3, 64, 64)" in out
+
+
+def test_mmdit_mode(capsys):
+    """--mmdit times SD3's MM-DiT on the rectified-flow step; with torch, against diffusers' model."""
+    argv = ["--mmdit", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--runs", "1"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "minidit.dev.bench --mmdit: 4 joint blocks" in out and "minidit numpy (mm-dit)" in out
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("diffusers"):
+        assert bench.main(argv + ["--compare-torch"]) == 0
+        out = capsys.readouterr().out
+        assert "diffusers SD3Transformer2DModel eager" in out and "step-time ratio minidit / diffusers" in out

@@ -4,6 +4,7 @@
     python -m minidit.dev.bench --preset all                      # small, s4 (S/4, batch 16), s2 (S/2, batch 8)
     python -m minidit.dev.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
     python -m minidit.dev.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
+    python -m minidit.dev.bench --mmdit --compare-torch    # SD3's MM-DiT, rectified flow, against diffusers' model
 
 Per configuration it prints
   * ms per training step, split into forward (q_sample + DiT forward), backward (loss, its gradient and the DiT
@@ -202,6 +203,119 @@ class TorchSide:
         self.update_ema(self.ema, self.model)
         tm.mark()
         return tm.phases()
+
+
+# MM-DiT (--mmdit): a small SD3-shaped model, one rectified-flow training step (AdamW, no EMA) on each side
+MMDIT = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=64, num_attention_heads=3,
+             joint_attention_dim=256, caption_projection_dim=192, pooled_projection_dim=256, out_channels=4,
+             pos_embed_max_size=16)
+MMDIT_CONTEXT = 16  # text tokens
+
+
+def mmdit_batch(batch_size, seed=0):
+    """x0, t, noise, context, pooled as float32 host arrays (t in (0, 1))."""
+    rng = np.random.default_rng(seed)
+    C, S = MMDIT["in_channels"], MMDIT["sample_size"]
+    return (rng.standard_normal((batch_size, C, S, S), dtype=np.float32), rng.uniform(0.05, 0.95, batch_size),
+            rng.standard_normal((batch_size, C, S, S), dtype=np.float32),
+            rng.standard_normal((batch_size, MMDIT_CONTEXT, MMDIT["joint_attention_dim"]), dtype=np.float32),
+            rng.standard_normal((batch_size, MMDIT["pooled_projection_dim"]), dtype=np.float32))
+
+
+class MMDiTSide:
+    name = "minidit"
+
+    def __init__(self, batch):
+        from ..flow import RectifiedFlow
+        from ..mmdit import MMDiT, MMDiTSpec
+
+        self.model = MMDiT(MMDiTSpec(**MMDIT), seed=0)
+        self.objective = RectifiedFlow()
+        self.opt = AdamW(self.model.params, lr=1e-4)
+        self.x0, self.t, self.noise, self.ctx, self.pooled = batch
+        self.timer, self.label = HostTimer(), "minidit numpy (mm-dit)"
+
+    def step(self):
+        tm, f = self.timer, self.objective
+        tm.start()
+        x_t = f.q_sample(self.x0, self.t, self.noise)
+        out, cache = self.model.forward(x_t, f.model_time(self.t).astype(np.float32), self.ctx, self.pooled)
+        tm.mark()
+        _, _, dout = f.training_loss(out, self.x0, self.t, self.noise)
+        grads = self.model.backward(dout, cache)
+        tm.mark()
+        self.opt.step(self.model.params, grads)
+        tm.mark()
+        return tm.phases()
+
+
+class SD3Side:
+    name = "torch"
+
+    def __init__(self, minidit_model, batch):
+        import diffusers
+        import torch
+
+        from ..mmdit import to_diffusers_state_dict
+        self.torch = torch
+        self.model = diffusers.SD3Transformer2DModel(**MMDIT).float().train()
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                                    to_diffusers_state_dict(minidit_model.params).items()}, strict=True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
+        x0, t, noise, ctx, pooled = (torch.from_numpy(np.asarray(a)) for a in batch)
+        self.x0, self.noise, self.ctx, self.pooled = x0, noise, ctx, pooled
+        self.t = t.float()
+        self.timer, self.label = HostTimer(), "diffusers SD3Transformer2DModel eager"
+
+    def step(self):
+        tm, torch = self.timer, self.torch
+        tm.start()
+        s = self.t[:, None, None, None]
+        x_t = (1 - s) * self.x0 + s * self.noise
+        out = self.model(hidden_states=x_t, encoder_hidden_states=self.ctx, pooled_projections=self.pooled,
+                         timestep=1000 * self.t, return_dict=False)[0]
+        tm.mark()
+        loss = torch.mean((out - (self.noise - self.x0)) ** 2)
+        self.opt.zero_grad()
+        loss.backward()
+        tm.mark()
+        self.opt.step()
+        tm.mark()
+        return tm.phases()
+
+
+def bench_mmdit(args):
+    """Step time of the MM-DiT preset against diffusers' SD3Transformer2DModel with the same weights, alternating."""
+    N = args.batch_size or 8
+    batch = mmdit_batch(N)
+    mini = MMDiTSide(batch)
+    sides = [mini]
+    print(f"== minidit.dev.bench --mmdit: {MMDIT['num_layers']} joint blocks, hidden "
+          f"{MMDIT['num_attention_heads'] * MMDIT['attention_head_dim']}, {(MMDIT['sample_size'] // 2) ** 2} image + "
+          f"{MMDIT_CONTEXT} text tokens, batch {N}, float32, {args.threads} threads; "
+          f"{mini.model.num_params() / 1e6:.2f}M parameters ==")
+    print("minidit's MM-DiT runs the whole batch in one thread of elementwise work (no batch shards yet; BLAS uses "
+          f"{args.threads} threads); torch uses them inside each op")
+    if args.compare_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        sides.append(SD3Side(mini.model, batch))
+    for s in sides:
+        for _ in range(args.warmup):
+            s.step()
+    runs = {s.name: [] for s in sides}
+    for _ in range(args.runs):
+        for s in sides:  # alternating A B A B ...
+            runs[s.name].append(_median_phases([s.step() for _ in range(args.steps)]))
+    print(f"{'':40s} forward ms  backward ms  optimizer ms   step ms")
+    for s in sides:
+        f, b, o, total = np.median(np.array(runs[s.name]), axis=0)
+        print(f"{s.label:40s} {1e3 * f:10.1f} {1e3 * b:12.1f} {1e3 * o:13.1f} {1e3 * total:9.1f}")
+    if args.compare_torch:
+        ratios = [a[3] / b[3] for a, b in zip(runs["minidit"], runs["torch"])]
+        print(f"step-time ratio minidit / diffusers: median of {len(ratios)} per-pair ratios = "
+              f"{statistics.median(ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in ratios)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +602,9 @@ def parse_args(argv=None):
                          "(e.g. --variant XL/2 --batch-size 8 --sampling --vae-decode: the official 256 px setting)")
     ap.add_argument("--sample-steps", type=sampling_steps, default=2, help="with --sampling: DDPM steps to run (>= 2)")
     ap.add_argument("--vae-decode", action="store_true", help="with --sampling: also decode with an SD-shaped VAE")
+    ap.add_argument("--mmdit", action="store_true",
+                    help="time SD3's MM-DiT (a small preset, rectified flow) instead; with --compare-torch against "
+                         "diffusers' SD3Transformer2DModel with the same weights")
     return ap.parse_args(argv)
 
 
@@ -515,6 +632,9 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"minidit.dev.bench: backend {args.backend} unavailable: {e}")
         return 2
+    if args.mmdit:
+        run(bench_mmdit, args)
+        return 0
     for spec in run(specs_from_args, args):  # an unknown variant or a bad size: one line, not a traceback
         if args.sampling:
             run(bench_sampling, spec, args)
