@@ -376,26 +376,31 @@ def attention_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# MLP (timm's Mlp, ratio 4): fc2(gelu(fc1(x)))
+# Two-layer MLP: fc2(act(fc1(x))). GELU (tanh) in the blocks (timm's Mlp, ratio 4); SiLU in DiT's timestep embedder
+# and SD3's pooled-text projection (Linear -> SiLU -> Linear)
 # ----------------------------------------------------------------------------------------------
+ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "silu": (silu_forward, silu_backward)}
+
+
 class MLPCache(NamedTuple):
     fc1: LinearCache
-    gelu: GELUCache
+    act: Any  # GELUCache or SiLUCache
     fc2: LinearCache
+    activation: str  # "gelu" or "silu"
 
 
-def mlp_forward(x, w1, b1, w2, b2):
-    """x (N, T, D) -> fc1 (N, T, 4D) -> GELU -> fc2 (N, T, D)."""
+def mlp_forward(x, w1, b1, w2, b2, activation="gelu"):
+    """x (..., D) -> fc1 (..., H) -> activation -> fc2 (..., D_out)."""
     h, fc1_cache = linear_forward(x, w1, b1)
-    h, gelu_cache = gelu_forward(h)
+    h, act_cache = ACTIVATIONS[activation][0](h)
     out, fc2_cache = linear_forward(h, w2, b2)
-    return out, MLPCache(fc1_cache, gelu_cache, fc2_cache)
+    return out, MLPCache(fc1_cache, act_cache, fc2_cache, activation)
 
 
 def mlp_backward(dout, cache):
     """Returns dx, dW1, db1, dW2, db2."""
     dh, dw2, db2 = linear_backward(dout, cache.fc2)
-    dh = gelu_backward(dh, cache.gelu)
+    dh = ACTIVATIONS[cache.activation][1](dh, cache.act)
     dx, dw1, db1 = linear_backward(dh, cache.fc1)
     return dx, dw1, db1, dw2, db2
 
@@ -508,27 +513,16 @@ def timestep_embedding(t, dim=256, max_period=10000):
 FREQ_DIM = 256  # size of the sinusoidal timestep embedding (DiT's frequency_embedding_size)
 
 
-class TimestepEmbedderCache(NamedTuple):
-    fc1: LinearCache
-    silu: SiLUCache
-    fc2: LinearCache
-
-
 def timestep_embedder_forward(t, w1, b1, w2, b2):
-    """DiT's TimestepEmbedder: t (N,) -> sinusoid (N, 256) -> Linear -> SiLU -> Linear -> (N, D), in w1's dtype."""
+    """DiT's TimestepEmbedder: t (N,) -> sinusoid (N, 256) -> Linear -> SiLU -> Linear -> (N, D), in w1's dtype.
+    The cache is the MLP's (MLPCache)."""
     h = timestep_embedding(t, w1.shape[1]).astype(w1.dtype, copy=False)
-    h, fc1_cache = linear_forward(h, w1, b1)
-    h, silu_cache = silu_forward(h)
-    h, fc2_cache = linear_forward(h, w2, b2)
-    return h, TimestepEmbedderCache(fc1_cache, silu_cache, fc2_cache)
+    return mlp_forward(h, w1, b1, w2, b2, activation="silu")
 
 
 def timestep_embedder_backward(dout, cache):
     """Returns dW1, db1, dW2, db2 (t gets no gradient)."""
-    dh, dw2, db2 = linear_backward(dout, cache.fc2)
-    dh = silu_backward(dh, cache.silu)
-    _, dw1, db1 = linear_backward(dh, cache.fc1)
-    return dw1, db1, dw2, db2
+    return mlp_backward(dout, cache)[1:]
 
 
 class EmbeddingCache(NamedTuple):

@@ -324,31 +324,6 @@ def from_diffusers_state_dict(state):
 
 
 # ----------------------------------------------------------------------------------------------
-# The pooled-text projection (PixArtAlphaTextProjection, act_fn="silu"): Linear -> SiLU -> Linear
-# ----------------------------------------------------------------------------------------------
-class TextProjectionCache(NamedTuple):
-    linear_1: LinearCache
-    silu: SiLUCache
-    linear_2: LinearCache
-
-
-def text_projection_forward(pooled, w1, b1, w2, b2):
-    """pooled (N, P) -> (N, D)."""
-    h, c1 = linear_forward(pooled, w1, b1)
-    h, cs = silu_forward(h)
-    h, c2 = linear_forward(h, w2, b2)
-    return h, TextProjectionCache(c1, cs, c2)
-
-
-def text_projection_backward(dout, cache):
-    """Returns dpooled, dW1, db1, dW2, db2."""
-    dh, dw2, db2 = linear_backward(dout, cache.linear_2)
-    dh = silu_backward(dh, cache.silu)
-    dpooled, dw1, db1 = linear_backward(dh, cache.linear_1)
-    return dpooled, dw1, db1, dw2, db2
-
-
-# ----------------------------------------------------------------------------------------------
 # Joint attention: qkv_forward per stream (+ RMSNorm of q and k per head), one attend_forward over [x | ctx],
 # one output projection per stream (tests/test_layers.py::test_the_pieces_compose_a_joint_attention)
 # ----------------------------------------------------------------------------------------------
@@ -517,8 +492,8 @@ def block_backward(dx, dctx, cache, prefix, grads):
 
 class MMDiTCache(NamedTuple):
     patch: Any  # PatchEmbedCache
-    t_embedder: Any  # TimestepEmbedderCache
-    text_embedder: TextProjectionCache
+    t_embedder: Any  # MLPCache of the timestep embedder
+    text_embedder: Any  # MLPCache of the pooled-text projection (PixArtAlphaTextProjection, act_fn="silu")
     c_silu: SiLUCache  # of c = temb + pooled projection
     context: LinearCache  # context_embedder
     blocks: list  # one JointBlockCache per block
@@ -609,7 +584,7 @@ class MMDiT(Model):
         h, patch_cache = patch_embed_forward(x, *take(P, "", PATCH), p)  # (N, T, D)
         h += self.pos_embed_crop(gh, gw)
         temb, t_cache = timestep_embedder_forward(t, *take(P, "", TIME))  # (N, D)
-        pemb, text_cache = text_projection_forward(pooled, *take(P, "", TEXT))  # (N, D)
+        pemb, text_cache = mlp_forward(pooled, *take(P, "", TEXT), activation="silu")  # (N, D): Linear-SiLU-Linear
         # every modulation (AdaLayerNormZero, AdaLayerNormContinuous) starts with SiLU(c): computed once here
         c_act, c_silu = silu_forward(temb + pemb)
         ctx, ctx_cache = linear_forward(context, *take(P, "", CONTEXT))  # (N, L, D)
@@ -646,7 +621,7 @@ class MMDiT(Model):
         dcontext, *d = linear_backward(dctx, cache.context)
         grads.update(named("", CONTEXT, d))
         dc = silu_backward(dc_act, cache.c_silu)  # c = temb + pooled projection: both receive dc
-        dpooled, *d = text_projection_backward(dc, cache.text_embedder)
+        dpooled, *d = mlp_backward(dc, cache.text_embedder)
         grads.update(named("", TEXT, d))
         grads.update(named("", TIME, timestep_embedder_backward(dc, cache.t_embedder)))
         dx, *d = patch_embed_backward(dh, cache.patch)  # pos_embed is frozen: no gradient

@@ -274,7 +274,7 @@ LABELS = "y_embedder.embedding_table.weight"
 
 class DiTCache(NamedTuple):
     patch: Any  # PatchEmbedCache
-    t_embedder: Any  # TimestepEmbedderCache
+    t_embedder: Any  # MLPCache of the timestep embedder
     y_embedder: Any  # EmbeddingCache: the labels after dropout
     c_silu: Any  # SiLUCache of c = t + y
     blocks: list  # one BlockCache per block
