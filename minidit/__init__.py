@@ -17,7 +17,8 @@ The mainline, in reading order (each module imports only the ones before it):
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks
     cli           what the commands share: flag types, output paths checked first, one-line errors
-    digits, data  the built-in digits; datasets; image output
+    digits, captions, data  the built-in digits; their captions, a tokenizer, a tiny text encoder and the MM-DiT
+                  that reads it; datasets; image output
     checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader
     sample        python -m minidit.sample

@@ -1,6 +1,7 @@
 """Data for minidit: three kinds of class-conditional dataset behind one interface, and image output.
 
     ds = load_dataset("digits")            # built in: rendered digits 0-9, generated once and cached (no download)
+    ds = load_dataset("digits-captions")   # the same digits, y = token ids of captions (minidit.captions)
     ds = load_dataset("path/to/folder")    # ImageFolder: one sub-folder per class, official DiT preprocessing
     ds = load_dataset("path/to/z.npz")     # precomputed latents: arrays `latents` (N, C, h, w) and `labels` (N,)
     x, y = ds.batch(step, batch_size, seed)   # x float32 (B, C, H, W), in [-1, 1] for images; y int64 (B,)
@@ -26,15 +27,19 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .digits import DIGITS_VERSION, render_digits
+from .captions import MAX_LENGTH, caption_digits, tokenize_all
+from .digits import DIGITS_VERSION, digit_params, render_digits
 from .xp import to_numpy
 
 MAX_IMAGE_SIZE = 1024  # pixels: DiT's largest is 512; every image of a folder is held in memory at this size
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
 
 # Random streams that never coincide: epoch permutations [seed, epoch], flips [seed, step, 2], digit shapes
-# [seed, 0, 1] (minidit.digits). The tags are non-zero because SeedSequence treats [s, e] and [s, e, 0] as one seed.
+# [seed, 0, 1] (minidit.digits), training noise [seed, step, 3] (minidit.train), caption variants [seed, step, 4],
+# caption texts [seed, 0, 5]. The tags are non-zero because SeedSequence treats [s, e] and [s, e, 0] as one seed.
 _FLIP_STREAM = 2
+_CAPTION_CHOICE_STREAM = 4
+_CAPTION_TEXT_STREAM = 5
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -93,6 +98,14 @@ class Dataset:
             self._perm_memo = (seed, epoch, perm)
         return self._perm_memo[2]
 
+    def batch_indices(self, step, batch_size, seed=0):
+        """The examples of batch `step`: int (B,) indices, slice k of the permutation of epoch
+        step // steps_per_epoch."""
+        if step < 0 or seed < 0:
+            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+        epoch, k = divmod(int(step), self.steps_per_epoch(batch_size))
+        return self._permutation(int(seed), epoch)[k * batch_size:(k + 1) * batch_size]
+
     def batch(self, step, batch_size, seed=0):
         """Batch number `step` (0, 1, 2, ...) of an endless shuffled stream; a pure function of its arguments.
 
@@ -100,10 +113,7 @@ class Dataset:
         cut into steps_per_epoch = len // batch_size batches (drop_last). Flips come from
         default_rng([seed, step, 2]). Returns x float32 (B, C, H, W) in [-1, 1] (latents: as stored), y int64 (B,).
         """
-        if step < 0 or seed < 0:
-            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
-        epoch, k = divmod(int(step), self.steps_per_epoch(batch_size))
-        idx = self._permutation(int(seed), epoch)[k * batch_size:(k + 1) * batch_size]  # (B,)
+        idx = self.batch_indices(step, batch_size, seed)  # (B,)
         x = self.data[idx]    # (B, C, H, W), a copy
         y = self.labels[idx]  # (B,)
         if self.flip:
@@ -117,7 +127,8 @@ class Dataset:
 def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_class=1000, cache_dir=None, flip=None):
     """One entry point for all three kinds of dataset.
 
-    spec: "digits" (the built-in rendered digits) | a folder with one sub-folder per class | a .npz of latents.
+    spec: "digits" (the built-in rendered digits) | "digits-captions" (the same, y = caption token ids) | a folder
+    with one sub-folder per class | a .npz of latents.
     image_size: output size for digits and folders; latents keep the spatial size they were encoded at.
     seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
     channels, n_per_class, cache_dir: digits only. flip: override the kind's default (see Dataset).
@@ -126,9 +137,10 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
         if not 8 <= image_size <= limit:
             raise ValueError(f"--image-size {image_size} is out of range: {what} at 8 to {limit} pixels")
 
-    if spec == "digits":
+    if spec in ("digits", "digits-captions"):
         check_size(256, "the built-in digits are rendered")
-        ds = Digits(image_size=image_size, channels=channels, n_per_class=n_per_class, seed=seed, cache_dir=cache_dir)
+        kind = Digits if spec == "digits" else DigitCaptions
+        ds = kind(image_size=image_size, channels=channels, n_per_class=n_per_class, seed=seed, cache_dir=cache_dir)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -192,6 +204,36 @@ class Digits(Dataset):
             data = np.repeat(data, 3, axis=1)                        # (N, 3, H, W)
         super().__init__(data, labels, [str(d) for d in range(10)], kind="digits", flip=False)
         self.cache_path = path
+
+
+class DigitCaptions(Digits):
+    """The built-in digits with captions (minidit.captions) instead of labels: `batch` returns x and y = token ids
+    int64 (B, L), one of `variants` captions per image, chosen per sample from default_rng([seed, step, 4]).
+
+    texts:  (N, variants) the captions, drawn once from default_rng([render seed, 0, 5]) from the renderer's own
+            parameters (minidit.digits.digit_params), so every word is true of its image
+    tokens: int64 (N, variants, L) their token ids;  labels: the digits (for evaluation), as Digits'
+    """
+
+    def __init__(self, image_size=32, channels=3, n_per_class=1000, seed=0, cache_dir=None, variants=4):
+        super().__init__(image_size, channels, n_per_class, seed, cache_dir)
+        params, labels = digit_params(n_per_class, seed)
+        assert np.array_equal(labels, self.labels), "the digits cache does not match the renderer"
+        rng = np.random.default_rng([seed, 0, _CAPTION_TEXT_STREAM])
+        self.texts = np.array(caption_digits(params, labels, image_size, rng, variants), dtype=object)
+        self.tokens = tokenize_all(self.texts.ravel()).reshape(len(labels), variants, MAX_LENGTH)
+        self.kind, self.variants = "digits-captions", variants
+
+    def batch(self, step, batch_size, seed=0):
+        """x float32 (B, C, H, W) as Digits.batch, y int64 (B, L) token ids; a pure function of its arguments."""
+        x, _ = super().batch(step, batch_size, seed)
+        idx = self.batch_indices(step, batch_size, seed)
+        pick = np.random.default_rng([seed, step, _CAPTION_CHOICE_STREAM]).integers(self.variants, size=batch_size)
+        return x, self.tokens[idx, pick]
+
+    def batch_labels(self, step, batch_size, seed=0):
+        """The digits of batch `step` (B,), for evaluation."""
+        return self.labels[self.batch_indices(step, batch_size, seed)]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from .xp import get_xp
+from .xp import get_xp, to_numpy
 
 LN2 = math.log(2.0)
 BIN = 1.0 / 255.0  # half-width of a pixel bin for data in [-1, 1]
@@ -551,8 +551,11 @@ def cfg_model_fn(forward, y, null_label, cfg_scale, guide_channels=None):
     latent channels. The official sampler runs a doubled 2N state and each half keeps its own unguided channels;
     only the conditional half is kept at the end, so returning the conditional values for our N samples is
     what it computes for the samples it keeps. cfg_scale = 1 gives exactly the conditional output.
+    null_label: the null class (an int), or one null condition as an array of y's per-sample shape (a caption model's
+    all-padding token ids (L,)), repeated for the N samples.
     """
     s = float(cfg_scale)
+    null_is_array = np.ndim(to_numpy(null_label)) > 0
 
     def model_fn(x_t, t):
         xp = get_xp(x_t)
@@ -560,7 +563,11 @@ def cfg_model_fn(forward, y, null_label, cfg_scale, guide_channels=None):
         y_arr = xp.asarray(y)
         x_in = xp.concatenate([x_t, x_t], axis=0)  # (2N, C, H, W)
         t_in = xp.concatenate([t, t], axis=0)  # (2N,)
-        y_in = xp.concatenate([y_arr, xp.full((N,), null_label, dtype=y_arr.dtype)], axis=0)  # (2N,)
+        if null_is_array:  # one null condition (e.g. an all-padding caption (L,)) for every sample
+            null = xp.broadcast_to(xp.asarray(null_label, dtype=y_arr.dtype), y_arr.shape)
+        else:
+            null = xp.full((N,), null_label, dtype=y_arr.dtype)
+        y_in = xp.concatenate([y_arr, null], axis=0)  # (2N,) or (2N, ...)
         out = forward(x_in, t_in, y_in)  # (2N, C_out, H, W)
         cond, uncond = out[:N], out[N:]
         g = x_t.shape[1] if guide_channels is None else guide_channels

@@ -108,6 +108,26 @@ def _render_one(glyph, center, ink_height, image_size, p, i):
     return (np.asarray(img, dtype=np.float32) * p["brightness"][i]).round().astype(np.uint8)  # (H, W)
 
 
+def digit_params(n_per_class, seed=0):
+    """The per-image variation render_digits(n_per_class, image_size, seed) draws, without rendering anything:
+    (params, labels), params = name -> (N,) array (shift: (N, 2) as (x, y) fractions of the free margin; warp_noise:
+    (N, G+1, G+1, 2)), labels int64 (N,) cycling 0..9. The same for every image_size (the stroke width in pixels is
+    round(stroke * font_size), font_size = digit_font_size(image_size)). The 7s' lean is already folded in."""
+    n = 10 * n_per_class
+    labels = np.tile(np.arange(10, dtype=np.int64), n_per_class)  # (N,)
+    params = _sample_digit_params(np.random.default_rng([seed, 0, _DIGITS_STREAM]), n)
+    # A 7 whose top leans left stands its diagonal stroke upright and starts to look like a 1: 7s only lean right.
+    seven = labels == 7
+    params["rotation"][seven] = -np.abs(params["rotation"][seven])  # clockwise
+    params["shear"][seven] = np.abs(params["shear"][seven])         # top to the right
+    return params, labels
+
+
+def digit_font_size(image_size):
+    """The font size of the master glyphs at this output size (they are about as large as the digits they become)."""
+    return _SUPERSAMPLE * image_size
+
+
 def render_digits(n_per_class, image_size=32, seed=0, progress=True):
     """Render n_per_class images of each digit 0-9 (white on black), deterministically from seed.
 
@@ -116,13 +136,8 @@ def render_digits(n_per_class, image_size=32, seed=0, progress=True):
     if image_size < 8 or n_per_class < 1:
         raise ValueError(f"digits need image_size >= 8 and n_per_class >= 1, got {image_size} and {n_per_class}")
     n = 10 * n_per_class
-    labels = np.tile(np.arange(10, dtype=np.int64), n_per_class)  # (N,)
-    params = _sample_digit_params(np.random.default_rng([seed, 0, _DIGITS_STREAM]), n)
-    # A 7 whose top leans left stands its diagonal stroke upright and starts to look like a 1: 7s only lean right.
-    seven = labels == 7
-    params["rotation"][seven] = -np.abs(params["rotation"][seven])  # clockwise
-    params["shear"][seven] = np.abs(params["shear"][seven])         # top to the right
-    font_size = _SUPERSAMPLE * image_size  # the master glyphs are about as large as the digits they become
+    params, labels = digit_params(n_per_class, seed)
+    font_size = digit_font_size(image_size)
     glyphs = _master_glyphs(font_size)
     strokes = np.round(params["stroke"] * font_size).astype(int)  # (N,) whole pixels
     images = np.empty((n, image_size, image_size), dtype=np.uint8)

@@ -1,4 +1,5 @@
-"""Sample images from a trained DiT: `python -m minidit.sample --ckpt RUN/checkpoint.npz --class-labels 0 1 2`.
+"""Sample images from a trained DiT: `python -m minidit.sample --ckpt RUN/checkpoint.npz --class-labels 0 1 2`,
+or from a caption model (--model mmdit): `python -m minidit.sample --ckpt RUN --prompt "a large 3" --prompt "a 7"`.
 
 Classifier-free guidance runs the conditional and the null-class batch through one forward pass
 (see diffusion.cfg_model_fn); the network sees original timestep values under respacing.
@@ -21,6 +22,8 @@ from .xp import make_rng, to_device, to_numpy
 def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler=None, eta=0.0, seed=0,
              guide_channels=None, clip_denoised=False, progress=True, threads=None):
     """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
+    For a caption model (minidit.captions.CaptionMMDiT) the labels are token ids (N, L), and guidance's null
+    condition is its all-padding caption (model.null_condition).
 
     objective: what the model was trained with (a checkpoint says: checkpoint.load); None: the official DDPM with
     the model's learn_sigma. It samples in num_sampling_steps steps with `sampler`, one of objective.SAMPLERS
@@ -35,10 +38,16 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     """
     xp = model.xp
     labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError("give at least one class label")
-    if labels.min() < 0 or labels.max() >= model.num_classes:
-        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}], got {labels.tolist()}")
+    null = getattr(model, "null_condition", None)  # a caption model's all-padding token ids; DiT: the null class
+    if null is not None:  # labels are token ids (N, L) (minidit.captions.tokenize_all)
+        if labels.ndim != 2 or labels.shape[0] == 0:
+            raise ValueError("give at least one prompt (token ids of shape (N, L))")
+    else:
+        if labels.ndim != 1 or labels.size == 0:
+            raise ValueError("give at least one class label")
+        if labels.min() < 0 or labels.max() >= model.num_classes:
+            raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}], got {labels.tolist()}")
+        null = model.num_classes
     if objective is None:
         objective = Diffusion("", learn_sigma=model.learn_sigma)
     sampler = objective.SAMPLERS[0] if sampler is None else sampler
@@ -62,7 +71,7 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
         if not 1 <= channels <= model.in_channels:
             raise ValueError(f"--guide-channels {channels}: this model has {model.in_channels} noise channels; guide "
                              f"between 1 and {model.in_channels} of them")
-        model_fn = cfg_model_fn(forward, y, model.num_classes, cfg_scale, guide_channels=channels)
+        model_fn = cfg_model_fn(forward, y, null, cfg_scale, guide_channels=channels)
     else:
         def model_fn(x, t):
             return forward(x, t, y)
@@ -97,6 +106,9 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", required=True, help="a checkpoint written by minidit.train (or minidit.convert)")
     ap.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=None,
                     help="one image per label; default: every class, --per-class times")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="a text prompt, for a model trained with --model mmdit on digits-captions (repeat the flag "
+                         "for more: one image per prompt, --per-class times each); default: 'a 0' ... 'a 9'")
     ap.add_argument("--per-class", type=positive_int, default=1,
                     help="images per class when --class-labels is not given")
     ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
@@ -131,6 +143,7 @@ def parse_args(argv=None):
 
 def sample(args):
     """The command: every output path and size checked before the model runs, then sample, decode, write."""
+    from .captions import prompt_digit, tokenize_all
     from .checkpoint import load  # imported here: the CLI needs it, the library function does not
     from .data import save_grid, save_npz, to_uint8_nhwc
 
@@ -144,24 +157,40 @@ def sample(args):
             raise ValueError("--shift is for rectified-flow models; this checkpoint was trained with DDPM")
         objective.shift = args.shift
     vae = load_vae_for(model, args.vae, backend=args.backend) if args.vae else None
-    labels = args.class_labels
-    if labels is None:
-        labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
+    captioned = getattr(model, "null_condition", None) is not None
+    if captioned and args.class_labels is not None:
+        raise ValueError("this model reads text prompts: give --prompt TEXT (e.g. --prompt 'a large 3'), not "
+                         "--class-labels")
+    if not captioned and args.prompt:
+        raise ValueError("--prompt is for a model trained on captions (--model mmdit --data digits-captions); this "
+                         "checkpoint's model takes --class-labels")
+    prompts = None
+    if captioned:
+        prompts = [p for p in (args.prompt or [f"a {d}" for d in range(10)]) for _ in range(args.per_class)]
+        tokens = tokenize_all(prompts, model.max_length)  # an unknown word or a long prompt: a clear error here
+        digits = [prompt_digit(p) for p in prompts] if args.npz else None  # the labels evaluate reads
+        labels = [str(p) for p in prompts]
+    else:
+        labels = args.class_labels
+        if labels is None:
+            labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
     side = model.input_size * (8 if args.vae else 1)
     need = len(labels) * max(model.in_channels, 3 if args.vae else 0) * side * side * 4
     if need > MAX_SAMPLE_BYTES:
         raise ValueError(f"{len(labels)} images of {side} x {side} need {need / 2**30:.1f} GiB in one call; sample "
                          f"fewer at a time (--class-labels or --per-class) with different --seed values")
-    images = generate(model, labels, objective=objective, cfg_scale=args.cfg_scale,
+    images = generate(model, tokens if captioned else labels, objective=objective, cfg_scale=args.cfg_scale,
                       num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                       guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads)
     if vae is not None:
         images = decode_latents(images, vae)
-    nrow = args.nrow or (args.per_class if args.class_labels is None else min(len(labels), 8))
+    nrow = args.nrow or (args.per_class if args.class_labels is None and (args.prompt is None or args.per_class > 1)
+                         else min(len(labels), 8))
     save_grid(images, args.out, nrow=nrow)
     print(f"wrote {args.out} ({len(labels)} images)")
     if args.npz:
-        save_npz(args.npz, arr_0=to_uint8_nhwc(images), labels=np.asarray(labels, dtype=np.int64))
+        save_npz(args.npz, arr_0=to_uint8_nhwc(images), labels=np.asarray(digits if captioned else labels,
+                                                                           dtype=np.int64))
         print(f"wrote {args.npz}")
 
 

@@ -13,6 +13,9 @@ One training step (facebookresearch/DiT train.py, hand-written here):
 With --objective flow the same loop trains the same model on rectified flow (minidit.flow): t ~ logit-normal in
 (0, 1), x_t = (1 - t) x0 + t eps, the model sees 1000 t and predicts v = eps - x0, loss = MSE(v, out).
 
+With --model mmdit --data digits-captions the model is SD3's MM-DiT reading the digits' captions through a tiny
+learned text encoder (minidit.captions.CaptionMMDiT), y being token ids and label dropout caption dropout.
+
 Everything random in step k is drawn from generators seeded by (seed, k), and the batch of step k is a
 pure function of (seed, k): so a resumed run reproduces the uninterrupted run's losses exactly.
 """
@@ -34,6 +37,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
     fcntl = None
 
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
+from .captions import CaptionMMDiTSpec, tokenize_all
 from .checkpoint import CKPT_NAME, build_model, checkpoint_file, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
@@ -56,8 +60,15 @@ def parse_args(argv=None):
     ap.add_argument("--variant", default="mini/8",
                     help="S/2 ... XL/8 (official), or mini/2, mini/4, mini/8 (small, for CPUs; the default mini/8 sees a "
                          "16 px digit as 4 tokens of 8 x 8 pixels)")
+    ap.add_argument("--model", choices=MODELS, default="dit",
+                    help="dit: DiT, class labels; mmdit: SD3's MM-DiT reading text prompts through minidit's tiny "
+                         "text encoder (--data digits-captions), sized from --variant (depth, heads of hidden/heads, "
+                         "patch)")
+    ap.add_argument("--text-dim", type=positive_int, default=64,
+                    help="mmdit: the width E of the learned token embeddings")
     ap.add_argument("--data", default="digits",
-                    help="'digits' (built in, generated on first use), a folder with one sub-folder per class, "
+                    help="'digits' (built in, generated on first use), 'digits-captions' (the same with captions "
+                         "read off the renderer, for --model mmdit), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
     ap.add_argument("--image-size", type=positive_int, default=None,
                     help="image side in pixels (default: 16 for the built-in digits, the CPU demo; 32 for a folder; "
@@ -116,12 +127,16 @@ RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample
 
 
 OBJECTIVES = ("ddpm", "flow")
+MODELS = ("dit", "mmdit")
+CAPTIONED = ("digits-captions",)  # the datasets whose y is caption token ids
 
 
 def make_objective(args):
     """The objective the options describe (and resolve learn_sigma, which depends on it, once: it is saved)."""
     if args.learn_sigma is None:
-        args.learn_sigma = args.objective == "ddpm"
+        args.learn_sigma = args.objective == "ddpm" and args.model == "dit"
+    if args.learn_sigma and args.model != "dit":
+        raise ValueError("--learn-sigma is for --model dit: the MM-DiT predicts the noise or the velocity alone")
     if args.objective == "flow":
         if args.learn_sigma:
             raise ValueError("--learn-sigma is for --objective ddpm: rectified flow predicts the velocity alone")
@@ -130,7 +145,21 @@ def make_objective(args):
 
 
 def model_spec(args, data):
-    """The spec (checkpoint.build_model's input) of the model the options describe, sized to the data."""
+    """The spec (checkpoint.build_model's input) of the model the options describe, sized to the data.
+    --model mmdit: a CaptionMMDiT with the variant's depth, heads (of hidden / heads each) and patch."""
+    if (args.model == "mmdit") != (data.kind in CAPTIONED):
+        raise ValueError("--model mmdit reads captions: train it on --data digits-captions" if args.model == "mmdit"
+                         else f"--data {args.data} has captions, not class labels: train it with --model mmdit")
+    if args.model == "mmdit":
+        cfg = get_config(args.variant)
+        if data.image_size % cfg.patch_size:
+            raise ValueError(f"--variant {args.variant}: patch {cfg.patch_size} does not divide the image size "
+                             f"{data.image_size}")
+        return CaptionMMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
+                                num_layers=cfg.depth, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+                                num_attention_heads=cfg.num_heads,
+                                pos_embed_max_size=data.image_size // cfg.patch_size, embed_dim=args.text_dim,
+                                caption_dropout_prob=args.class_dropout_prob).to_dict()
     return DiTSpec(args.variant, data.image_size, data.channels, data.num_classes, args.learn_sigma,
                    args.class_dropout_prob, args.block).to_dict()
 
@@ -144,7 +173,7 @@ class Run:
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
         if args.image_size is None:  # resolved once and saved, like the learning rate below
-            args.image_size = 16 if args.data == "digits" else 32
+            args.image_size = 16 if args.data in ("digits", *CAPTIONED) else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
         self.objective = make_objective(args)
         self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
@@ -201,6 +230,8 @@ def resolve_resume(args, explicit):
     saved.setdefault("threads", None)
     saved.setdefault("objective", "ddpm")  # written before --objective existed
     saved.setdefault("time_sampling", "logit-normal")
+    saved.setdefault("model", "dit")  # written before --model existed
+    saved.setdefault("text_dim", 64)
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -261,10 +292,13 @@ def keep_metrics_up_to(path, step):
 
 
 def write_grid(run, path, progress=False):
+    """An EMA sample grid, one row per class (a caption model: per digit d, the prompt "a d")."""
     model = run.model.using(run.ema.params)  # the EMA weights
     n = run.data.num_classes
     per_class = max(1, min(10, 100 // n))
     labels = [c for c in range(n) for _ in range(per_class)]
+    if run.data.kind in CAPTIONED:
+        labels = tokenize_all([f"a {run.data.class_names[c]}" for c in labels])
     images = generate(model, labels, objective=run.objective, cfg_scale=run.args.cfg_scale,
                       num_sampling_steps=run.args.sample_steps, seed=run.args.seed,
                       clip_denoised=run.data.kind != "latents", progress=progress, threads=run.threads)
