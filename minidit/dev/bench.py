@@ -316,6 +316,33 @@ def bench_mmdit(args):
         ratios = [a[3] / b[3] for a, b in zip(runs["minidit"], runs["torch"])]
         print(f"step-time ratio minidit / diffusers: median of {len(ratios)} per-pair ratios = "
               f"{statistics.median(ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in ratios)})")
+    if args.memory:
+        growth = {name: mmdit_rss_in_fresh_process(name, N, args.threads)
+                  for name in ["minidit"] + (["torch"] if args.compare_torch else [])}
+        print("memory, resident-set growth over the first 3 steps in a fresh process (VmHWM after minus RSS before; "
+              "includes AdamW's m and v): " + "; ".join(f"{k} " + ("n/a" if v is None else f"{v / 2**20:.1f} MiB")
+                                                         for k, v in growth.items()))
+
+
+def mmdit_rss_in_fresh_process(side_name, batch_size, threads):
+    """rss_growth_over_steps of one MM-DiT side in a new Python process (neither side inherits the other's heap)."""
+    cmd = [sys.executable, "-m", "minidit.dev.bench", "--mmdit", "--memory-child", side_name, "--threads",
+           str(threads), "--batch-size", str(batch_size)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth"]
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError):
+        return None
+
+
+def mmdit_memory_child(side_name, batch_size, threads):
+    batch = mmdit_batch(batch_size)
+    side = MMDiTSide(batch)
+    if side_name == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        side = SD3Side(side.model, batch)
+    print(json.dumps({"rss_growth": rss_growth_over_steps(side)}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,7 +652,10 @@ def main(argv=None):
     limit_threads(args.threads)
     set_fused_kernels(args.fused)
     if args.memory_child:
-        memory_child(args.memory_child, specs_from_args(args)[0], args.threads)
+        if args.mmdit:
+            mmdit_memory_child(args.memory_child, args.batch_size or 8, args.threads)
+        else:
+            memory_child(args.memory_child, specs_from_args(args)[0], args.threads)
         return 0
     try:
         get_backend(args.backend)
