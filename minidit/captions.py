@@ -338,9 +338,9 @@ class CaptionMMDiT(Model):
         return out, (CaptionCache(text_cache, mm_cache) if cache else None)
 
     def backward(self, dout, cache, return_dx=False, release=False):
-        """dout (N, C, H, W) -> grads for every trainable parameter ((grads, dx) with return_dx). release is accepted
-        for the protocol (MMDiT keeps its activations until the cache is dropped)."""
-        grads, d = self._transformer().backward(dout, cache.mmdit, return_dx=True)
+        """dout (N, C, H, W) -> grads for every trainable parameter ((grads, dx) with return_dx); release as
+        MMDiT.backward's."""
+        grads, d = self._transformer().backward(dout, cache.mmdit, return_dx=True, release=release)
         grads[TOKENS] = text_encoder_backward(d["context"], d["pooled"], cache.text)
         grads = {k: grads[k] for k in self.trainable()}
         return (grads, d["x"]) if return_dx else grads

@@ -604,9 +604,10 @@ class MMDiT(Model):
         return out, MMDiTCache(patch_cache, t_cache, text_cache, c_silu, ctx_cache, blocks, mod_cache, norm_cache,
                                proj_cache)
 
-    def backward(self, dout, cache, return_dx=False):
+    def backward(self, dout, cache, return_dx=False, release=False):
         """dout (N, out_channels, H, W) -> grads: name -> gradient for every trainable parameter, in parameter order
-        (with return_dx=True: (grads, dict(x=dx, context=dcontext, pooled=dpooled)))."""
+        (with return_dx=True: (grads, dict(x=dx, context=dcontext, pooled=dpooled))). release=True drops each block's
+        activations from `cache` once its backward is done, as DiT.backward does; the cache cannot be used again."""
         xp, grads = self.xp, {}
         dh = unpatchify_backward(dout, self.patch_size)
         dh, *d = linear_backward(dh, cache.proj_out)
@@ -617,6 +618,8 @@ class MMDiT(Model):
         dctx = None  # the last block's text output is discarded
         for i in reversed(range(self.num_layers)):
             dh, dctx, dc_i = block_backward(dh, dctx, cache.blocks[i], f"transformer_blocks.{i}.", grads)
+            if release:
+                cache.blocks[i] = None
             dc_act += dc_i  # c feeds every block: its gradients add up
         dcontext, *d = linear_backward(dctx, cache.context)
         grads.update(named("", CONTEXT, d))

@@ -117,7 +117,8 @@ class ShardedCache(NamedTuple):
 
 
 class ShardedDiT:
-    """A DiT whose forward and backward run on `threads` shards of the batch at once (NumPy arrays).
+    """A DiT (or any minidit model with the same forward/backward, e.g. an MM-DiT) whose forward and backward run on
+    `threads` shards of the batch at once (NumPy arrays).
 
         net = ShardedDiT(model, threads=2)
         out, cache = net.forward(x_t, t, y, train=True, rng=rng)   # as model.forward, same results
@@ -135,17 +136,21 @@ class ShardedDiT:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
 
-    def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
-        """As DiT.forward: (out (N, C_out, H, W), cache), the cache holding each shard's (None when cache=False)."""
+    def forward(self, x, t, *conds, train=False, force_drop_ids=None, rng=None, cache=True):
+        """As the model's forward: (out (N, C_out, H, W), cache), the cache holding each shard's (None when
+        cache=False). conds: the conditions, each cut along its first (batch) axis like x: DiT's labels y, an
+        MM-DiT's context and pooled. Condition dropout (train=True) is drawn for the whole batch when the model has
+        label_dropout, and given to the shards as force_drop_ids."""
         m = self.model
-        m.check_inputs(x, t, y)  # on the whole batch, so that errors name its shapes
-        if force_drop_ids is None and train:
+        m.check_inputs(x, t, *conds)  # on the whole batch, so that errors name its shapes
+        if force_drop_ids is None and train and hasattr(m, "label_dropout"):
             force_drop_ids = m.label_dropout(x.shape[0], rng)
         shards = batch_shards(x.shape[0], self.threads)
         drop = None if force_drop_ids is None else np.asarray(force_drop_ids)
 
         def run(s):
-            return m.forward(x[s], t[s], y[s], force_drop_ids=None if drop is None else drop[s], cache=cache)
+            extra = {} if drop is None else {"force_drop_ids": drop[s]}
+            return m.forward(x[s], t[s], *(c[s] for c in conds), cache=cache, **extra)
 
         with single_threaded_blas():
             results = parallel_map(run, shards, self.threads)

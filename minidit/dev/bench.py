@@ -225,13 +225,14 @@ def mmdit_batch(batch_size, seed=0):
 class MMDiTSide:
     name = "minidit"
 
-    def __init__(self, batch):
+    def __init__(self, batch, threads=1):
         from ..flow import RectifiedFlow
         from ..mmdit import MMDiT, MMDiTSpec
 
         self.model = MMDiT(MMDiTSpec(**MMDIT), seed=0)
+        self.net, threads = data_parallel(self.model, threads)  # one batch shard per thread, as for the DiT
         self.objective = RectifiedFlow()
-        self.opt = AdamW(self.model.params, lr=1e-4)
+        self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
         self.x0, self.t, self.noise, self.ctx, self.pooled = batch
         self.timer, self.label = HostTimer(), "minidit numpy (mm-dit)"
 
@@ -239,10 +240,10 @@ class MMDiTSide:
         tm, f = self.timer, self.objective
         tm.start()
         x_t = f.q_sample(self.x0, self.t, self.noise)
-        out, cache = self.model.forward(x_t, f.model_time(self.t).astype(np.float32), self.ctx, self.pooled)
+        out, cache = self.net.forward(x_t, f.model_time(self.t).astype(np.float32), self.ctx, self.pooled)
         tm.mark()
         _, _, dout = f.training_loss(out, self.x0, self.t, self.noise)
-        grads = self.model.backward(dout, cache)
+        grads = self.net.backward(dout, cache, release=True)
         tm.mark()
         self.opt.step(self.model.params, grads)
         tm.mark()
@@ -288,14 +289,14 @@ def bench_mmdit(args):
     """Step time of the MM-DiT preset against diffusers' SD3Transformer2DModel with the same weights, alternating."""
     N = args.batch_size or 8
     batch = mmdit_batch(N)
-    mini = MMDiTSide(batch)
+    mini = MMDiTSide(batch, args.threads)
     sides = [mini]
     print(f"== minidit.dev.bench --mmdit: {MMDIT['num_layers']} joint blocks, hidden "
           f"{MMDIT['num_attention_heads'] * MMDIT['attention_head_dim']}, {(MMDIT['sample_size'] // 2) ** 2} image + "
           f"{MMDIT_CONTEXT} text tokens, batch {N}, float32, {args.threads} threads; "
           f"{mini.model.num_params() / 1e6:.2f}M parameters ==")
-    print("minidit's MM-DiT runs the whole batch in one thread of elementwise work (no batch shards yet; BLAS uses "
-          f"{args.threads} threads); torch uses them inside each op")
+    print(f"threads: minidit runs {args.threads} batch shards at once, one thread each with a single-threaded BLAS "
+          "(minidit.threads); torch uses them inside each op")
     if args.compare_torch:
         import torch
 
@@ -337,7 +338,7 @@ def mmdit_rss_in_fresh_process(side_name, batch_size, threads):
 
 def mmdit_memory_child(side_name, batch_size, threads):
     batch = mmdit_batch(batch_size)
-    side = MMDiTSide(batch)
+    side = MMDiTSide(batch, threads)
     if side_name == "torch":
         import torch
         torch.set_num_threads(threads)
