@@ -318,22 +318,11 @@ def bench_mmdit(args):
         print(f"step-time ratio minidit / diffusers: median of {len(ratios)} per-pair ratios = "
               f"{statistics.median(ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in ratios)})")
     if args.memory:
-        growth = {name: mmdit_rss_in_fresh_process(name, N, args.threads)
+        growth = {name: rss_in_fresh_process(name, args.threads, ["--mmdit", "--batch-size", str(N)])
                   for name in ["minidit"] + (["torch"] if args.compare_torch else [])}
         print("memory, resident-set growth over the first 3 steps in a fresh process (VmHWM after minus RSS before; "
               "includes AdamW's m and v): " + "; ".join(f"{k} " + ("n/a" if v is None else f"{v / 2**20:.1f} MiB")
                                                          for k, v in growth.items()))
-
-
-def mmdit_rss_in_fresh_process(side_name, batch_size, threads):
-    """rss_growth_over_steps of one MM-DiT side in a new Python process (neither side inherits the other's heap)."""
-    cmd = [sys.executable, "-m", "minidit.dev.bench", "--mmdit", "--memory-child", side_name, "--threads",
-           str(threads), "--batch-size", str(batch_size)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-        return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth"]
-    except (subprocess.SubprocessError, ValueError, IndexError, KeyError):
-        return None
 
 
 def mmdit_memory_child(side_name, batch_size, threads):
@@ -376,10 +365,16 @@ def rss_growth_over_steps(side, steps=RSS_STEPS):
 
 
 def rss_growth_in_fresh_process(side_name, spec, threads):
-    """Run rss_growth_over_steps for one side in a new Python process, so neither side inherits the other's heap."""
-    cmd = [sys.executable, "-m", "minidit.dev.bench", "--memory-child", side_name, "--threads", str(threads),
-           "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
-           str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])]
+    """Run rss_growth_over_steps for one DiT side in a new Python process, so neither side inherits the other's heap."""
+    return rss_in_fresh_process(side_name, threads, [
+        "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
+        str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])])
+
+
+def rss_in_fresh_process(side_name, threads, options):
+    """`python -m minidit.dev.bench --memory-child SIDE ... OPTIONS` (the bench options that pick the model): the
+    child's rss_growth_over_steps in bytes, or None if it could not be measured."""
+    cmd = [sys.executable, "-m", "minidit.dev.bench", "--memory-child", side_name, "--threads", str(threads), *options]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
         return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth"]
