@@ -556,6 +556,7 @@ def cfg_model_fn(forward, y, null_label, cfg_scale, guide_channels=None):
     """
     s = float(cfg_scale)
     null_is_array = np.ndim(to_numpy(null_label)) > 0
+    built = {}  # the null batch, made once per sampling loop: a host null condition is not uploaded every step
 
     def model_fn(x_t, t):
         xp = get_xp(x_t)
@@ -563,11 +564,12 @@ def cfg_model_fn(forward, y, null_label, cfg_scale, guide_channels=None):
         y_arr = xp.asarray(y)
         x_in = xp.concatenate([x_t, x_t], axis=0)  # (2N, C, H, W)
         t_in = xp.concatenate([t, t], axis=0)  # (2N,)
-        if null_is_array:  # one null condition (e.g. an all-padding caption (L,)) for every sample
-            null = xp.broadcast_to(xp.asarray(null_label, dtype=y_arr.dtype), y_arr.shape)
-        else:
-            null = xp.full((N,), null_label, dtype=y_arr.dtype)
-        y_in = xp.concatenate([y_arr, null], axis=0)  # (2N,) or (2N, ...)
+        if "null" not in built:
+            if null_is_array:  # one null condition (e.g. an all-padding caption (L,)) for every sample
+                built["null"] = xp.broadcast_to(xp.asarray(null_label, dtype=y_arr.dtype), y_arr.shape)
+            else:
+                built["null"] = xp.full((N,), null_label, dtype=y_arr.dtype)
+        y_in = xp.concatenate([y_arr, built["null"]], axis=0)  # (2N,) or (2N, ...)
         out = forward(x_in, t_in, y_in)  # (2N, C_out, H, W)
         cond, uncond = out[:N], out[N:]
         g = x_t.shape[1] if guide_channels is None else guide_channels
