@@ -13,6 +13,7 @@ The mainline, in reading order (each module imports only the ones before it):
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
+    dynamic       Dynamic DiT: timestep routers switch heads, MLP channels or blocks; the sampler skips them
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks

@@ -13,6 +13,10 @@ One training step (facebookresearch/DiT train.py, hand-written here):
 With --objective flow the same loop trains the same model on rectified flow (minidit.flow): t ~ logit-normal in
 (0, 1), x_t = (1 - t) x0 + t eps, the model sees 1000 t and predicts v = eps - x0, loss = MSE(v, out).
 
+With --finetune PARENT --dynamic width (or depth) a trained DiT becomes a Dynamic DiT (minidit.dynamic): routers on
+the timestep switch heads and MLP channel groups (or whole blocks), trained with the loss above plus DyDiT's FLOPs
+target 2 (mean FLOPs ratio - lambda)^2, lambda going from 1 to --target-ratio over --target-warmup steps.
+
 With --model mmdit --data digits-captions the model is SD3's MM-DiT reading the digits' captions through a tiny
 learned text encoder (minidit.captions.CaptionMMDiT), y being token ids and label dropout caption dropout.
 
@@ -22,6 +26,7 @@ pure function of (seed, k): so a resumed run reproduces the uninterrupted run's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -38,11 +43,12 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
 from .captions import CaptionMMDiTSpec, tokenize_all
-from .checkpoint import CKPT_NAME, build_model, checkpoint_file, read_training, save_training
+from .checkpoint import CKPT_NAME, build_model, checkpoint_file, load_model, read, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
 from .data import load_dataset, save_grid
 from .diffusion import Diffusion
+from .dynamic import DYNAMIC, DynamicDiTSpec
 from .flow import TIME_SAMPLING, RectifiedFlow
 from .model import BLOCK_TYPES, DiTSpec, get_config
 from .optim import EMA, AdamW
@@ -114,6 +120,16 @@ def parse_args(argv=None):
                     help="guidance scale of the grids written while training")
     ap.add_argument("--resume", default=None,
                     help="a checkpoint (or run directory) to continue from; the other options are taken from it")
+    ap.add_argument("--finetune", default=None, metavar="PARENT",
+                    help="start from a trained run's EMA weights (a checkpoint or run directory) with a fresh optimizer; "
+                         "the model and data options are taken from it")
+    ap.add_argument("--dynamic", choices=DYNAMIC, default=None,
+                    help="make the DiT a Dynamic DiT (minidit.dynamic): timestep routers switch attention heads and "
+                         "MLP channel groups (width, DyDiT) or whole blocks (depth); usually with --finetune")
+    ap.add_argument("--target-ratio", type=unit_interval, default=0.5,
+                    help="--dynamic: the FLOPs ratio lambda the routers are trained towards (DyDiT: 0.7, 0.5)")
+    ap.add_argument("--target-warmup", type=nonnegative_int, default=200,
+                    help="--dynamic: steps over which the target goes linearly from 1 to --target-ratio")
     args = ap.parse_args(argv)
     for action in ap._actions:  # parse again without defaults: which options did the user give?
         action.default = argparse.SUPPRESS
@@ -125,6 +141,10 @@ def parse_args(argv=None):
 RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
                     "backend", "final_samples", "threads")
 
+
+# what a fine-tune takes from its parent: the model, its data and its objective
+PARENT_OPTIONS = ("variant", "model", "text_dim", "data", "image_size", "channels", "block", "class_dropout_prob",
+                  "objective", "time_sampling", "learn_sigma", "seed")
 
 OBJECTIVES = ("ddpm", "flow")
 MODELS = ("dit", "mmdit")
@@ -155,13 +175,21 @@ def model_spec(args, data):
         if data.image_size % cfg.patch_size:
             raise ValueError(f"--variant {args.variant}: patch {cfg.patch_size} does not divide the image size "
                              f"{data.image_size}")
+        if args.dynamic:
+            raise ValueError("--dynamic makes a DiT dynamic, not an MM-DiT: use --model dit")
         return CaptionMMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
                                 num_layers=cfg.depth, attention_head_dim=cfg.hidden_size // cfg.num_heads,
                                 num_attention_heads=cfg.num_heads,
                                 pos_embed_max_size=data.image_size // cfg.patch_size, embed_dim=args.text_dim,
                                 caption_dropout_prob=args.class_dropout_prob).to_dict()
-    return DiTSpec(args.variant, data.image_size, data.channels, data.num_classes, args.learn_sigma,
-                   args.class_dropout_prob, args.block).to_dict()
+    spec = DiTSpec(args.variant, data.image_size, data.channels, data.num_classes, args.learn_sigma,
+                   args.class_dropout_prob, args.block)
+    if args.dynamic:
+        if args.block != "adaln-zero":
+            raise ValueError(f"--dynamic routes DiT's adaLN-Zero blocks, not --block {args.block}")
+        spec = DynamicDiTSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
+                              dynamic=args.dynamic)
+    return spec.to_dict()
 
 
 class Run:
@@ -177,6 +205,12 @@ class Run:
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
         self.objective = make_objective(args)
         self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
+        if args.finetune and not args.resume:  # the parent's EMA weights (a resumed fine-tune has its own)
+            parent = load_model(args.finetune).params
+            if args.dynamic:  # the routers keep their all-on start: the model begins as its parent
+                self.model.load_state_dict(parent, strict=False)
+            else:
+                self.model.load_state_dict(parent)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
@@ -184,11 +218,17 @@ class Run:
         self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
         self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
         self.step = 0
+        self.ratios = []  # --dynamic: the FLOPs ratio of each step since the last log line
         if args.epochs is not None:
             self.total_steps = args.epochs * self.data.steps_per_epoch(args.batch_size)
         else:
             self.total_steps = args.steps
             self.data.steps_per_epoch(args.batch_size)  # fails early if the batch is larger than the data
+
+    def target_ratio(self, step):
+        """--dynamic: lambda at `step`, from 1 down to --target-ratio over the --target-warmup steps of this run."""
+        a = self.args
+        return 1.0 - (1.0 - a.target_ratio) * min(1.0, (step + 1) / a.target_warmup if a.target_warmup else 1.0)
 
     def train_step(self, step):
         """One step; returns the mean loss as a 0-d array on the backend (not synchronised)."""
@@ -202,6 +242,11 @@ class Run:
         out, cache = self.net.forward(x_t, self.objective.model_time(t), y, train=True, rng=rng)
         loss, _, dout = self.objective.training_loss(out, x0, t, noise)
         grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
+        if self.args.dynamic:  # DyDiT's FLOPs target, a function of the timesteps alone (minidit.dynamic)
+            _, ratio, flops_grads = self.model.flops_loss(self.objective.model_time(t), self.target_ratio(step))
+            for name, g in flops_grads.items():
+                grads[name] += g
+            self.ratios.append(ratio)
         self.opt.step(self.model.params, grads)
         self.ema.update(self.model.params)
         return loss
@@ -232,6 +277,10 @@ def resolve_resume(args, explicit):
     saved.setdefault("time_sampling", "logit-normal")
     saved.setdefault("model", "dit")  # written before --model existed
     saved.setdefault("text_dim", 64)
+    saved.setdefault("finetune", None)  # written before --finetune and --dynamic existed
+    saved.setdefault("dynamic", None)
+    saved.setdefault("target_ratio", 0.5)
+    saved.setdefault("target_warmup", 200)
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -242,6 +291,32 @@ def resolve_resume(args, explicit):
     if "out" not in explicit:
         saved["out"] = os.path.dirname(os.path.abspath(path))
     return argparse.Namespace(**saved), path
+
+
+def resolve_finetune(args, explicit):
+    """--finetune PARENT: the model, data and objective options come from the parent's checkpoint (a converted
+    checkpoint has no data options: those stay as given)."""
+    path = checkpoint_file(args.finetune)
+    _, meta = read(path)
+    spec = meta["model"]
+    if spec.get("kind") != "dit":
+        raise ValueError(f"--finetune {args.finetune}: its model is a {spec.get('kind')!r}; fine-tuning starts from a "
+                         f"DiT (a minidit.train run or a converted official checkpoint)")
+    saved = dict(meta.get("args") or {})
+    saved.setdefault("variant", spec["variant"])
+    saved.setdefault("block", spec.get("block", "adaln-zero"))
+    saved.setdefault("class_dropout_prob", spec["class_dropout_prob"])
+    saved.setdefault("learn_sigma", spec["learn_sigma"])
+    saved.setdefault("objective", meta["objective"]["kind"])
+    for name in PARENT_OPTIONS:
+        if name not in saved:
+            continue
+        if name in explicit and getattr(args, name) != saved[name]:
+            raise ValueError(f"--finetune takes --{name.replace('_', '-')} from the parent ({saved[name]!r}); leave the "
+                             f"option out")
+        setattr(args, name, saved[name])
+    args.finetune = path
+    return args
 
 
 LOCK_NAME = ".lock"  # held by the training that writes into a run folder; the OS releases it when the process ends
@@ -310,6 +385,8 @@ def train(args, explicit=frozenset()):
     resume_path = None
     if args.resume:
         args, resume_path = resolve_resume(args, set(explicit))
+    elif args.finetune:
+        args = resolve_finetune(args, set(explicit))
     lock = claim_run_folder(args.out, resume_path)  # held until this function returns, however it ends
     try:
         run = Run(args)
@@ -378,9 +455,15 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 losses = read_window()
                 dt = time.perf_counter() - t_window
                 mean, rate = float(losses.mean()), len(losses) / dt
+                extra = {}
+                if run.ratios:  # --dynamic
+                    extra["flops_ratio"] = float(to_numpy(xp.stack(run.ratios)).mean())
+                    run.ratios = []
                 log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {rate:.2f}"
+                    + (f", FLOPs ratio: {extra['flops_ratio']:.3f} (target {run.target_ratio(run.step - 1):.3f})"
+                       if extra else "")
                     + (f"; {mem}" if (mem := memory_report(xp)) else ""))
-                metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": rate,
+                metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": rate, **extra,
                                           "losses": losses.tolist(), "time": time.time()}) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{rate:.2f}")

@@ -1,0 +1,447 @@
+"""Dynamic DiT: a DiT whose width (DyDiT, Zhao et al., ICLR 2025) or depth follows the timestep, and a sampler that
+really skips what is switched off.
+
+A trained DiT spends the same compute at every sampling step, though noisy early steps only lay out coarse shapes.
+DyDiT's timestep-wise dynamic width gives every block two small routers that read the timestep embedding (t_embedder's
+output, not c = t + y) and switch attention heads and groups of MLP channels on or off:
+
+    width    head gates  m_h = 1[W_h temb + b_h > 0]   (N, NH)   multiply each head's attention output (before proj)
+             group gates m_g = 1[W_g temb + b_g > 0]   (N, NH)   multiply the MLP hidden units, NH groups of 4D/NH
+    depth    block gate  m_b = 1[W_b temb + b_b > 0]   (N, 1)    x <- x + m_b (block(x) - x): the block runs or not
+
+The second option (depth) is the timestep-wise depth the "early exit" idea asks for: fewer blocks at some steps.
+
+Training fine-tunes a trained DiT (every router starts with weight 0 and bias ROUTER_BIAS, so every gate is on and
+the model is exactly its parent) with the diffusion loss plus DyDiT's FLOPs target:
+
+    r_n     = sum over gates of m * (the MACs the gate switches) / (the blocks' dense MACs)     (FLOPs ratio of sample n)
+    L_flops = FLOPS_WEIGHT * (mean_n r_n - lambda)^2
+
+The gates are step functions, so their backward is straight-through (STE): the forward uses the hard 0/1 gate,
+the backward the derivative of the soft gate sigmoid(logit), d gate / d logit = s (1 - s). DyDiT adds Gumbel noise
+to the logits while training; minidit keeps the gates a deterministic function of t, so the sub-network that
+training shaped is exactly the one the sampler runs.
+
+Because the gates depend on t alone, every sampling step's sub-network is known before the step runs: forward with
+cache=False and one timestep for the whole batch cuts the active heads' rows of qkv and columns of proj, the active
+groups' rows of fc1 and columns of fc2, drops the switched-off blocks, and runs DiT's own block on the slices (cut
+once per timestep and kept). The masked forward (training) and the sliced one (sampling) compute the same numbers;
+the sliced one does only the work that is on. (DyDiT's released code multiplies by masks, so its saved FLOPs are not
+saved time.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .layers import (
+    adaln_backward, adaln_forward, attend_backward, attend_forward, chunks, gated_residual_backward,
+    gated_residual_forward, gelu_backward, gelu_forward, linear_backward, linear_forward, merge_heads, qkv_backward,
+    qkv_forward, silu_backward, silu_forward, split_heads, final_layer_backward, final_layer_forward,
+    timestep_embedder_backward, timestep_embedder_forward, unpatchify, unpatchify_backward,
+)
+from .model import (
+    ATTN, EMBED_T, FINAL, LINEAR, MLP, DiT, DiTCache, DiTSpec, block_backward, block_forward, block_macs,
+    forward_macs,
+)
+from .params import named, take
+from .xp import get_xp, to_numpy
+
+DYNAMIC = ("width", "depth")  # what the routers switch: heads and MLP channel groups, or whole blocks
+ROUTER_BIAS = 3.0  # every router's initial bias: sigmoid(3) = 0.95, every gate on (DyDiT: 15 at temperature 5)
+FLOPS_WEIGHT = 2.0  # DyDiT's weight of (mean FLOPs ratio - lambda)^2
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicDiTSpec(DiTSpec):
+    """A DiTSpec plus what is dynamic ("width" or "depth")."""
+    dynamic: str = "width"
+
+    kind = "dydit"
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate: hard forward, sigmoid backward (straight-through)
+# ----------------------------------------------------------------------------------------------
+class RouterCache(NamedTuple):
+    soft: Any  # sigmoid(logits)
+
+
+def gate_forward(logits, hard=True):
+    """logits (N, K) -> gates (N, K): 1[logit > 0] (hard) or sigmoid(logit) (soft, a relaxation used to check the
+    backward), and the cache."""
+    xp = get_xp(logits)
+    soft = 0.5 * (1 + xp.tanh(0.5 * logits))  # sigmoid, without overflow
+    return ((logits > 0).astype(logits.dtype) if hard else soft), RouterCache(soft)
+
+
+def gate_backward(dgate, cache):
+    """The straight-through estimator: d gate / d logit taken as sigmoid'(logit) = s (1 - s), whether the forward
+    was hard or soft."""
+    s = cache.soft
+    return dgate * s * (1 - s)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block with width gates (training): DiT's adaLN-Zero block with two multiplications inserted
+#     x = x + gate_msa * proj(m_h . attend(qkv(modulate(norm1(x)))))      m_h per head
+#     x = x + gate_mlp * fc2(m_g . gelu(fc1(modulate(norm2(x)))))          m_g per group of 4D/NH hidden units
+# ----------------------------------------------------------------------------------------------
+class WidthBlockCache(NamedTuple):
+    modulation: Any
+    norm1: Any
+    qkv: Any  # LinearCache of qkv
+    attend: Any  # AttendCache
+    heads: Any  # (N, NH, T, hs) the attention's output before the head gates
+    head_gates: Any  # (N, NH)
+    proj: Any
+    gate1: Any
+    norm2: Any
+    fc1: Any
+    act: Any  # GELUCache
+    hidden: Any  # (N, T, 4D) gelu(fc1(.)) before the group gates
+    group_gates: Any  # (N, NH)
+    fc2: Any
+    gate2: Any
+
+
+def expand_groups(gates, width):
+    """(N, G) group gates -> (N, 1, width): each gate repeated over its width / G contiguous channels."""
+    N, G = gates.shape
+    return get_xp(gates).repeat(gates, width // G, axis=1)[:, None, :]
+
+
+def width_block_forward(x, c_act, P, prefix, num_heads, head_gates, group_gates):
+    """x (N, T, D), c_act = silu(c) (N, D), head_gates and group_gates (N, NH) -> (N, T, D), cache."""
+    mod, mod_cache = linear_forward(c_act, *take(P, prefix + "adaLN_modulation.1.", LINEAR))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks(mod, 6)
+    h, norm1_cache = adaln_forward(x, shift_msa, scale_msa)
+    w_qkv, b_qkv, w_proj, b_proj = take(P, prefix, ATTN)
+    (q, k, v), qkv_cache = qkv_forward(h, w_qkv, b_qkv, num_heads)
+    heads, attend_cache = attend_forward(q, k, v)  # (N, NH, T, hs)
+    h, proj_cache = linear_forward(merge_heads(heads * head_gates[:, :, None, None]), w_proj, b_proj)
+    x, gate1_cache = gated_residual_forward(x, gate_msa, h)
+    h, norm2_cache = adaln_forward(x, shift_mlp, scale_mlp)
+    w1, b1, w2, b2 = take(P, prefix, MLP)
+    h, fc1_cache = linear_forward(h, w1, b1)
+    hidden, act_cache = gelu_forward(h)  # (N, T, 4D)
+    h, fc2_cache = linear_forward(hidden * expand_groups(group_gates, hidden.shape[-1]), w2, b2)
+    x, gate2_cache = gated_residual_forward(x, gate_mlp, h)
+    return x, WidthBlockCache(mod_cache, norm1_cache, qkv_cache, attend_cache, heads, head_gates, proj_cache,
+                              gate1_cache, norm2_cache, fc1_cache, act_cache, hidden, group_gates, fc2_cache,
+                              gate2_cache)
+
+
+def width_block_backward(dout, cache, prefix, grads):
+    """Backward of width_block_forward: writes the block's parameter gradients into `grads`; returns dx, dc_act and
+    the gates' gradients dhead_gates, dgroup_gates (N, NH)."""
+    xp = get_xp(dout)
+    c = cache
+    N, NH = c.group_gates.shape
+    dx, dgate_mlp, dh = gated_residual_backward(dout, c.gate2)
+    dgated, dw2, db2 = linear_backward(dh, c.fc2)  # (N, T, 4D)
+    dgroup_gates = (dgated * c.hidden).sum(axis=1).reshape(N, NH, -1).sum(axis=2)  # each group's channels summed
+    dh = gelu_backward(dgated * expand_groups(c.group_gates, dgated.shape[-1]), c.act)
+    dh, dw1, db1 = linear_backward(dh, c.fc1)
+    grads.update(named(prefix, MLP, (dw1, db1, dw2, db2)))
+    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, c.norm2)
+    dx = dx + dh
+    dx, dgate_msa, dh = gated_residual_backward(dx, c.gate1)
+    dgated, dw_proj, db_proj = linear_backward(dh, c.proj)
+    dgated = split_heads(dgated, NH)  # (N, NH, T, hs)
+    dhead_gates = (dgated * c.heads).sum(axis=(2, 3))
+    dq, dk, dv = attend_backward(dgated * c.head_gates[:, :, None, None], c.attend)
+    dh, dw_qkv, db_qkv = qkv_backward(dq, dk, dv, c.qkv)
+    grads.update(named(prefix, ATTN, (dw_qkv, db_qkv, dw_proj, db_proj)))
+    dh, dshift_msa, dscale_msa = adaln_backward(dh, c.norm1)
+    dx = dx + dh
+    dmod = xp.concatenate([dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp], axis=1)
+    dc_act, *dlin = linear_backward(dmod, c.modulation)
+    grads.update(named(prefix + "adaLN_modulation.1.", LINEAR, dlin))
+    return dx, dc_act, dhead_gates, dgroup_gates
+
+
+# ----------------------------------------------------------------------------------------------
+# The block with a depth gate (training): x <- x + m_b (block(x) - x), DiT's block unchanged
+# ----------------------------------------------------------------------------------------------
+class DepthBlockCache(NamedTuple):
+    block: Any  # BlockCache
+    delta: Any  # block(x) - x (N, T, D)
+    gate: Any  # (N, 1)
+
+
+def depth_block_forward(x, c_act, P, prefix, num_heads, block_gate):
+    out, block_cache = block_forward(x, c_act, P, prefix, num_heads)
+    delta = out - x
+    return x + block_gate[:, :, None] * delta, DepthBlockCache(block_cache, delta, block_gate)
+
+
+def depth_block_backward(dout, cache, prefix, grads):
+    """Returns dx, dc_act and dblock_gate (N, 1)."""
+    g = cache.gate[:, :, None]
+    dx_block, dc_act = block_backward(dout * g, cache.block, prefix, grads)
+    dgate = (dout * cache.delta).sum(axis=(1, 2))[:, None]
+    return dout * (1 - g) + dx_block, dc_act, dgate
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+class DynamicCache(NamedTuple):
+    dit: Any  # DiTCache (its blocks: WidthBlockCache or DepthBlockCache)
+    routers: list  # per block: (LinearCache, RouterCache) for each of its routers
+
+
+class DynamicDiT(DiT):
+    """A DiT with timestep routers (module docstring). Same calls as DiT:
+
+        model = DynamicDiT("mini/8", input_size=16, in_channels=1, num_classes=10, dynamic="width")
+        model.load_state_dict(parent_weights, strict=False)   # the routers keep their all-on initial values
+        out, cache = model.forward(x, t, y, train=True)       # gates per sample, from t
+        grads = model.backward(dout, cache)                    # routers included (straight-through)
+        loss, ratio, grads = model.flops_loss(t, 0.5)          # DyDiT's FLOPs target, to add to the step's grads
+        model.forward(x, t, y, cache=False)                    # one t for the batch: the sliced sub-network
+    """
+
+    def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
+                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy", block="adaln-zero",
+                 dynamic="width"):
+        if dynamic not in DYNAMIC:
+            raise ValueError(f"unknown dynamic mode {dynamic!r}; choose one of: {', '.join(DYNAMIC)}")
+        self.dynamic = dynamic
+        self._slices, self._lock = {}, threading.Lock()
+        super().__init__(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, seed=seed,
+                         dtype=dtype, backend=backend, block=block)
+        self.spec = DynamicDiTSpec(**dataclasses.asdict(self.spec), dynamic=dynamic)
+        self.spec = dataclasses.replace(self.spec, variant=self.variant)  # asdict turned a DiTConfig into a dict
+        # the FLOPs each gate switches, as a fraction of the blocks' dense MACs: r_n = sum(gates * weights)
+        attn, mlp, blocks = self.block_parts()
+        H, L = self.num_heads, self.depth
+        if dynamic == "width":
+            self.gate_weights = (attn / H / blocks, mlp / H / blocks)  # per head gate, per group gate
+        else:
+            self.gate_weights = (1 / L,)
+
+    @classmethod
+    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
+        s = DynamicDiTSpec.of(spec)
+        return cls(s.variant, s.input_size, s.in_channels, s.num_classes, s.learn_sigma, s.class_dropout_prob,
+                   seed=seed, dtype=dtype, backend=backend, block=s.block, dynamic=s.dynamic)
+
+    # -- parameters ------------------------------------------------------------------------------
+    def router_names(self, i):
+        """The routers of block i, each a Linear(D -> gates): width: heads, MLP groups (NH gates each); depth: one."""
+        return (f"blocks.{i}.head_router.", f"blocks.{i}.mlp_router.") if self.dynamic == "width" else \
+            (f"blocks.{i}.depth_router.",)
+
+    def param_shapes(self):
+        shapes = super().param_shapes()
+        D, gates = self.config.hidden_size, self.num_heads if self.dynamic == "width" else 1
+        for i in range(self.depth):
+            for r in self.router_names(i):
+                shapes[r + "weight"], shapes[r + "bias"] = (gates, D), (gates,)
+        return shapes
+
+    def init_params(self, seed):
+        """DiT's initialisation, and every router at weight 0, bias ROUTER_BIAS: all gates on at every t."""
+        params = super().init_params(seed)
+        for i in range(self.depth):
+            for r in self.router_names(i):
+                params[r + "weight"][...] = 0.0
+                params[r + "bias"][...] = ROUTER_BIAS
+        return params
+
+    def load_state_dict(self, state, strict=True):
+        """As Model.load_state_dict; strict=False loads a parent DiT's weights, keeping the routers as they are."""
+        if not strict:
+            state = {**{k: v for k, v in self.params.items() if "_router." in k}, **state}
+        super().load_state_dict(state)
+        self._slices = {}
+
+    def using(self, params):
+        view = super().using(params)
+        view._slices, view._lock = {}, threading.Lock()  # other weights: other slices
+        return view
+
+    def block_parts(self):
+        """MACs per image of one block's attention (every head), MLP (every group), and the whole block with its adaLN
+        regression: DyDiT's FLOPs ratio counts the first two for width, whole blocks for depth."""
+        cfg, T, D = self.config, self.num_patches, self.config.hidden_size
+        mlp = 2 * T * D * int(D * cfg.mlp_ratio)
+        attn = block_macs(cfg, T) - mlp
+        if self.dynamic == "width":
+            return attn, mlp, self.depth * (attn + mlp)
+        return attn, mlp, self.depth * (attn + mlp + 6 * D * D)
+
+    # -- routing ---------------------------------------------------------------------------------
+    def route(self, temb, hard=True):
+        """temb (N, D) -> per block a list of gates ((N, NH), (N, NH)) or ((N, 1),), and the routers' caches."""
+        gates, caches = [], []
+        for i in range(self.depth):
+            g, c = [], []
+            for r in self.router_names(i):
+                logits, lin_cache = linear_forward(temb, *take(self.params, r, LINEAR))
+                m, gate_cache = gate_forward(logits, hard)
+                g.append(m)
+                c.append((lin_cache, gate_cache))
+            gates.append(g)
+            caches.append(c)
+        return gates, caches
+
+    def route_backward(self, dgates, caches, grads):
+        """Per block the gates' gradients -> the routers' gradients (into `grads`) and dtemb (N, D)."""
+        dtemb = 0
+        for i in range(self.depth):
+            for r, dg, (lin_cache, gate_cache) in zip(self.router_names(i), dgates[i], caches[i]):
+                dt, *dlin = linear_backward(gate_backward(dg, gate_cache), lin_cache)
+                grads.update(named(r, LINEAR, dlin))
+                dtemb = dtemb + dt
+        return dtemb
+
+    def flops_ratio(self, gates):
+        """Per-sample FLOPs ratio r (N,) of the blocks' dense MACs, from route's gates."""
+        return sum(w * g.sum(axis=1) for block in gates for w, g in zip(self.gate_weights, block))
+
+    def gates_at(self, t):
+        """The gates the sampler uses at timestep t (the network's time): per block a tuple of host bool arrays."""
+        xp = self.xp
+        temb, _ = timestep_embedder_forward(xp.asarray([t], dtype=self.dtype), *take(self.params, "", EMBED_T))
+        gates, _ = self.route(temb)
+        return [tuple(to_numpy(g[0]) > 0 for g in block) for block in gates]
+
+    def flops_loss(self, t, target, hard=True):
+        """DyDiT's FLOPs target on a batch of timesteps t (N,) (the network's time) and a target ratio lambda:
+        returns L = FLOPS_WEIGHT (mean r - lambda)^2 (a 0-d array), mean r, and the gradients of L (the routers'
+        and the timestep embedder's): add them to the diffusion loss's."""
+        P = self.params
+        temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))
+        gates, caches = self.route(temb, hard)
+        r = self.flops_ratio(gates).mean()
+        loss = FLOPS_WEIGHT * (r - target) ** 2
+        dr = 2 * FLOPS_WEIGHT * (r - target) / t.shape[0]  # dL / dr_n, the same for every sample
+        dgates = [[dr * w * get_xp(g).ones_like(g) for w, g in zip(self.gate_weights, block)] for block in gates]
+        grads = {}
+        dtemb = self.route_backward(dgates, caches, grads)
+        grads.update(named("", EMBED_T, timestep_embedder_backward(dtemb, t_cache)))
+        return loss, r, grads
+
+    # -- forward / backward ----------------------------------------------------------------------
+    def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True, hard=True):
+        """As DiT.forward, the blocks gated by t's routers. cache=False with one t for the whole batch (sampling) runs
+        the sliced sub-network instead (the same numbers, less work). hard=False: soft gates sigmoid(logit) (only to
+        check the backward numerically)."""
+        if not cache and hard and x.shape[0] and bool((t == t[0]).all()):
+            return self.sliced_forward(x, t, y, force_drop_ids), None
+        if train:
+            self._slices = {}  # a training step changes the weights the slices were cut from
+        P = self.params
+        h, temb, yemb, embed_caches = self.embed(x, t, y, train, force_drop_ids, rng)
+        gates, router_caches = self.route(temb, hard)
+        c_act, c_silu_cache = silu_forward(temb + yemb)
+        blocks = []
+        for i in range(self.depth):
+            if self.dynamic == "width":
+                h, block_cache = width_block_forward(h, c_act, P, f"blocks.{i}.", self.num_heads, *gates[i])
+            else:
+                h, block_cache = depth_block_forward(h, c_act, P, f"blocks.{i}.", self.num_heads, *gates[i])
+            if cache:
+                blocks.append(block_cache)
+        h, final_cache = final_layer_forward(h, c_act, *take(P, "", FINAL))
+        out = unpatchify(h, self.patch_size, self.out_channels)
+        if not cache:
+            return out, None
+        return out, DynamicCache(DiTCache(*embed_caches, c_silu_cache, blocks, final_cache), router_caches)
+
+    def backward(self, dout, cache, return_dx=False, release=False):
+        """As DiT.backward, the routers' gradients included (straight-through through the gates)."""
+        c = cache.dit
+        grads = {}
+        dh = unpatchify_backward(dout, self.patch_size)
+        dh, dc_act, *dfinal = final_layer_backward(dh, c.final)
+        grads.update(named("", FINAL, dfinal))
+        dgates = [None] * self.depth
+        block_backward_fn = width_block_backward if self.dynamic == "width" else depth_block_backward
+        for i in reversed(range(self.depth)):
+            dh, dc_act_i, *dgates[i] = block_backward_fn(dh, c.blocks[i], f"blocks.{i}.", grads)
+            if release:
+                c.blocks[i] = None
+            dc_act += dc_act_i
+        dc = silu_backward(dc_act, c.c_silu)
+        dtemb = dc + self.route_backward(dgates, cache.routers, grads)  # temb feeds c and the routers
+        dx = self.embed_backward(dh, dtemb, dc, (c.patch, c.t_embedder, c.y_embedder), grads)
+        grads = {k: grads[k] for k in self.trainable()}
+        return (grads, dx) if return_dx else grads
+
+    # -- sampling: the sliced sub-network --------------------------------------------------------
+    def slices_at(self, t):
+        """The sub-network at timestep t: per block None (switched off) or (params, num_heads), params with the active heads'
+        rows of qkv and columns of proj, the active groups' rows of fc1 and columns of fc2. Cut once per t and kept
+        (until load_state_dict; `using` starts afresh)."""
+        key = float(t)
+        with self._lock:
+            if key not in self._slices:
+                self._slices[key] = self._cut(self.gates_at(key))
+            return self._slices[key]
+
+    def _cut(self, gates):
+        P, xp, H, D = self.params, self.xp, self.num_heads, self.config.hidden_size
+        hs = D // H
+        blocks = []
+        for i, g in enumerate(gates):
+            prefix = f"blocks.{i}."
+            names = [prefix + n for n in (ATTN + " " + MLP + " adaLN_modulation.1.weight adaLN_modulation.1.bias")
+                     .split()]
+            if self.dynamic == "depth":
+                blocks.append(({n: P[n] for n in names}, H) if g[0][0] else None)
+                continue
+            heads, groups = (np.flatnonzero(m) for m in g)
+            S = {n: P[n] for n in names}
+            # a branch with nothing on still adds its output bias: keep one head (group) whose proj (fc2) columns
+            # are zero, which computes exactly that
+            zero_attn, zero_mlp = not heads.size, not groups.size
+            heads, groups = (heads if heads.size else np.arange(1)), (groups if groups.size else np.arange(1))
+            head_cols = (heads[:, None] * hs + np.arange(hs)).ravel()  # the active heads' channels in [0, D)
+            qkv_rows = np.concatenate([j * D + head_cols for j in range(3)])  # [q | k | v]
+            hidden = P[prefix + "mlp.fc1.weight"].shape[0]
+            gs = hidden // H
+            group_cols = (groups[:, None] * gs + np.arange(gs)).ravel()
+            qkv_rows, head_cols, group_cols = (xp.asarray(a) for a in (qkv_rows, head_cols, group_cols))
+            S[prefix + "attn.qkv.weight"] = P[prefix + "attn.qkv.weight"][qkv_rows]
+            S[prefix + "attn.qkv.bias"] = P[prefix + "attn.qkv.bias"][qkv_rows]
+            S[prefix + "attn.proj.weight"] = xp.ascontiguousarray(P[prefix + "attn.proj.weight"][:, head_cols])
+            S[prefix + "mlp.fc1.weight"] = P[prefix + "mlp.fc1.weight"][group_cols]
+            S[prefix + "mlp.fc1.bias"] = P[prefix + "mlp.fc1.bias"][group_cols]
+            S[prefix + "mlp.fc2.weight"] = xp.ascontiguousarray(P[prefix + "mlp.fc2.weight"][:, group_cols])
+            if zero_attn:
+                S[prefix + "attn.proj.weight"] = xp.zeros_like(S[prefix + "attn.proj.weight"])
+            if zero_mlp:
+                S[prefix + "mlp.fc2.weight"] = xp.zeros_like(S[prefix + "mlp.fc2.weight"])
+            blocks.append((S, len(heads)))
+        return blocks
+
+    def sliced_forward(self, x, t, y, force_drop_ids=None):
+        """forward(cache=False) when every sample has the same t: DiT's blocks on the sliced weights, the switched-off
+        blocks skipped. -> out (N, C_out, H, W)."""
+        h, temb, yemb, _ = self.embed(x, t, y, False, force_drop_ids, None)
+        c_act, _ = silu_forward(temb + yemb)
+        for i, sub in enumerate(self.slices_at(to_numpy(t[:1])[0])):
+            if sub is not None:  # None: the block is switched off at this t
+                params, num_heads = sub
+                h, _ = block_forward(h, c_act, params, f"blocks.{i}.", num_heads)
+        h, _ = final_layer_forward(h, c_act, *take(self.params, "", FINAL))
+        return unpatchify(h, self.patch_size, self.out_channels)
+
+    def macs_at(self, t):
+        """Forward MACs per image of the sub-network at timestep t (DiT's count: matmuls only)."""
+        attn, mlp, _ = self.block_parts()
+        D, H = self.config.hidden_size, self.num_heads
+        total = forward_macs(self.spec) - self.depth * (attn + mlp + 6 * D * D)
+        for g in self.gates_at(t):
+            if self.dynamic == "width":
+                total += attn * g[0].sum() / H + mlp * g[1].sum() / H + 6 * D * D
+            else:
+                total += (attn + mlp + 6 * D * D) * bool(g[0][0])
+        return int(total)
