@@ -25,12 +25,13 @@ training shaped is exactly the one the sampler runs.
 Because the gates depend on t alone, every sampling step's sub-network is known before the step runs: forward with
 cache=False and one timestep for the whole batch cuts the active heads' rows of qkv and columns of proj, the active
 groups' rows of fc1 and columns of fc2, drops the switched-off blocks, and runs DiT's own block on the slices (cut
-once per timestep and kept). The masked forward (training) and the sliced one (sampling) compute the same numbers;
+once per gate pattern and kept). The masked forward (training) and the sliced one (sampling) compute the same numbers;
 the sliced one does only the work that is on. (DyDiT's released code multiplies by masks, so its saved FLOPs are not
 saved time.)
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 from typing import Any, NamedTuple
@@ -53,6 +54,7 @@ from .xp import get_xp, to_numpy
 DYNAMIC = ("width", "depth")  # what the routers switch: heads and MLP channel groups, or whole blocks
 ROUTER_BIAS = 3.0  # every router's initial bias: sigmoid(3) = 0.95, every gate on (DyDiT: 15 at temperature 5)
 FLOPS_WEIGHT = 2.0  # DyDiT's weight of (mean FLOPs ratio - lambda)^2
+MAX_SUBNETWORKS = 8  # cut sub-networks the sampler keeps at once (see DynamicDiT.subnetwork_at)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,8 @@ class DynamicDiT(DiT):
         if dynamic not in DYNAMIC:
             raise ValueError(f"unknown dynamic mode {dynamic!r}; choose one of: {', '.join(DYNAMIC)}")
         self.dynamic = dynamic
-        self._slices, self._lock = {}, threading.Lock()
+        self._lock = threading.Lock()
+        self.forget_subnetworks()
         super().__init__(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, seed=seed,
                          dtype=dtype, backend=backend, block=block)
         self.spec = DynamicDiTSpec(**dataclasses.asdict(self.spec), dynamic=dynamic)
@@ -259,11 +262,12 @@ class DynamicDiT(DiT):
         if not strict:
             state = {**{k: v for k, v in self.params.items() if "_router." in k}, **state}
         super().load_state_dict(state)
-        self._slices = {}
+        self.forget_subnetworks()
 
     def using(self, params):
         view = super().using(params)
-        view._slices, view._lock = {}, threading.Lock()  # other weights: other slices
+        view._lock = threading.Lock()
+        view.forget_subnetworks()  # other weights: other sub-networks
         return view
 
     def block_parts(self):
@@ -336,7 +340,7 @@ class DynamicDiT(DiT):
         if not cache and hard and x.shape[0] and bool((t == t[0]).all()):
             return self.sliced_forward(x, t, y, force_drop_ids), None
         if train:
-            self._slices = {}  # a training step changes the weights the slices were cut from
+            self.forget_subnetworks()  # a training step changes the weights they were cut from
         P = self.params
         h, temb, yemb, embed_caches = self.embed(x, t, y, train, force_drop_ids, rng)
         gates, router_caches = self.route(temb, hard)
@@ -376,15 +380,35 @@ class DynamicDiT(DiT):
         return (grads, dx) if return_dx else grads
 
     # -- sampling: the sliced sub-network --------------------------------------------------------
-    def slices_at(self, t):
-        """The sub-network at timestep t: per block None (switched off) or (params, num_heads), params with the active heads'
-        rows of qkv and columns of proj, the active groups' rows of fc1 and columns of fc2. Cut once per t and kept
-        (until load_state_dict; `using` starts afresh)."""
+    def forget_subnetworks(self):
+        """Drop every cut sub-network and routing decision (the weights they came from are about to change)."""
+        self._routes = {}  # t -> its gate pattern (bytes of every gate): a few bytes per timestep
+        self._subnetworks = collections.OrderedDict()  # gate pattern -> cut weights, least recently used first
+
+    def subnetwork_at(self, t):
+        """The sub-network at timestep t: per block None (switched off) or (params, num_heads), params with the
+        active heads' rows of qkv and columns of proj, the active groups' rows of fc1 and columns of fc2.
+
+        Cut once per gate pattern, not per timestep: neighbouring timesteps mostly share their gates, and the
+        MAX_SUBNETWORKS most recently used cuts are kept (a sampler visits t in order), so memory stays bounded."""
         key = float(t)
         with self._lock:
-            if key not in self._slices:
-                self._slices[key] = self._cut(self.gates_at(key))
-            return self._slices[key]
+            gates = None
+            if key not in self._routes:
+                gates = self.gates_at(key)
+                self._routes[key] = b"".join(np.packbits(g).tobytes() for block in gates for g in block)
+            pattern = self._routes[key]
+            if pattern in self._subnetworks:
+                self._subnetworks.move_to_end(pattern)
+            else:
+                self._subnetworks[pattern] = self._cut(gates if gates is not None else self.gates_at(key))
+                if len(self._subnetworks) > MAX_SUBNETWORKS:
+                    self._subnetworks.popitem(last=False)
+            return self._subnetworks[pattern]
+
+    def timesteps_routed(self):
+        """The timesteps routed so far (sorted): after sampling, those the sampler visited."""
+        return sorted(self._routes)
 
     def _cut(self, gates):
         P, xp, H, D = self.params, self.xp, self.num_heads, self.config.hidden_size
@@ -427,7 +451,7 @@ class DynamicDiT(DiT):
         blocks skipped. -> out (N, C_out, H, W)."""
         h, temb, yemb, _ = self.embed(x, t, y, False, force_drop_ids, None)
         c_act, _ = silu_forward(temb + yemb)
-        for i, sub in enumerate(self.slices_at(to_numpy(t[:1])[0])):
+        for i, sub in enumerate(self.subnetwork_at(to_numpy(t[:1])[0])):
             if sub is not None:  # None: the block is switched off at this t
                 params, num_heads = sub
                 h, _ = block_forward(h, c_act, params, f"blocks.{i}.", num_heads)

@@ -142,7 +142,7 @@ def test_sliced_sub_network_equals_the_masked_forward(seed, dynamic, t):
     x, _, y = inputs(seed)
     tu = np.full(3, t)
     sliced, cache = model.forward(x, tu, y, cache=False)
-    assert cache is None and (model._slices or dynamic == "depth")
+    assert cache is None and model.timesteps_routed() == [float(t)]
     np.testing.assert_allclose(sliced, model.forward(x, tu, y)[0], rtol=1e-10, atol=1e-12)
     macs = model.macs_at(t)
     assert macs <= model.gmacs() * 1e9 + 0.5
@@ -153,15 +153,30 @@ def test_sliced_path_is_cut_once_per_timestep_and_sharded_threads_agree():
     x, _, y = inputs(n=3)
     tu = np.full(3, 250)
     one = model.forward(x, tu, y, cache=False)[0]
-    assert list(model._slices) == [250.0]
-    first = model._slices[250.0]
+    first = model.subnetwork_at(250)
+    assert model.timesteps_routed() == [250.0]
     two = ShardedDiT(model, threads=2).forward(x, tu, y, cache=False)[0]
-    assert model._slices[250.0] is first  # reused, not cut again
+    assert model.subnetwork_at(250) is first  # reused, not cut again
     np.testing.assert_allclose(two, one, rtol=1e-12, atol=1e-12)
     view = model.using({k: v.copy() for k, v in model.params.items()})
-    assert view._slices == {}  # other weights: other slices
+    assert view.timesteps_routed() == []  # other weights: other sub-networks
     model.forward(x, tu, y, train=True)
-    assert model._slices == {}  # a training forward: the weights are about to change
+    assert model.timesteps_routed() == []  # a training forward: the weights are about to change
+
+
+def test_sub_networks_are_shared_between_timesteps_and_bounded(monkeypatch):
+    monkeypatch.setattr("minidit.dynamic.MAX_SUBNETWORKS", 2)
+    model = tiny_dynamic("width", scale=0.6)
+    for t in range(0, 1000, 10):
+        model.subnetwork_at(t)
+    patterns = set(model._routes.values())
+    assert len(model.timesteps_routed()) == 100
+    assert 1 < len(patterns) < 100 and len(model._subnetworks) == 2  # one cut per pattern, two kept
+    x, _, y = inputs()
+    for t in (0, 500, 990, 0):  # evicted and cut again: the same numbers
+        tu = np.full(3, t)
+        np.testing.assert_allclose(model.forward(x, tu, y, cache=False)[0], model.forward(x, tu, y)[0],
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_strict_backend_runs_both_paths_like_numpy():
@@ -202,7 +217,7 @@ def test_finetune_sample_and_resume_through_the_commands(tmp_path):
     assert isinstance(model, DynamicDiT) and model.dynamic == "width"
     grid = str(tmp_path / "g.png")
     sample_main(["--ckpt", dyn, "--class-labels", "1", "2", "--num-sampling-steps", "3", "--out", grid])
-    assert os.path.exists(grid) and model._slices == {}  # the sample command had its own model
+    assert os.path.exists(grid)
     train_mod.main(["--resume", dyn, "--steps", "6"])
     assert load_checkpoint(os.path.join(dyn, "checkpoint.npz"))[1]["step"] == 6
     train_mod.main(["--finetune", parent, "--dynamic", "depth", "--steps", "2", "--batch-size", "4",

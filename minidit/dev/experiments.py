@@ -7,6 +7,9 @@
                    the samples can be compared
     samplers       no training: one checkpoint (--ckpt) sampled with each sampler and step count of --samplers at
                    each --cfg-scales, scored, with the sampling time (DDPM 250, DDIM 50, DPM-Solver++ 10/20/50)
+    dynamic        Dynamic DiT: --ckpt (the parent) fine-tuned with each --dynamic-runs MODE:RATIO (--steps each),
+                   then the parent and every fine-tune sampled with each --samplers pair: scores, MACs per step and
+                   wall-clock speed-up over the parent at the same sampler and over the parent's first sampler
 
 Every configuration trains on the same data with the same seed, batch, learning rate and number of steps (through
 minidit.train, so each run is an ordinary run directory that can be resumed or sampled), then draws
@@ -43,8 +46,11 @@ from ..sample import generate
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["conditioning", "scaling", "objective", "samplers"])
-    ap.add_argument("--ckpt", default="runs/default", help="samplers: the checkpoint to sample (default runs/default)")
+    ap.add_argument("experiment", choices=["conditioning", "scaling", "objective", "samplers", "dynamic"])
+    ap.add_argument("--ckpt", default="runs/default",
+                    help="samplers: the checkpoint to sample; dynamic: the parent (default runs/default)")
+    ap.add_argument("--dynamic-runs", nargs="+", default=["width:0.7", "width:0.5", "depth:0.6"],
+                    help="dynamic: MODE:RATIO fine-tunes of the parent (default width:0.7 width:0.5 depth:0.6)")
     ap.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++2m:10", "dpm++2m:20", "dpm++2m:50"],
                     help="samplers: SAMPLER:STEPS pairs (default: ddpm:250 ddim:50 dpm++2m:10 dpm++2m:20 dpm++2m:50)")
     ap.add_argument("--cfg-scales", type=nonnegative_float, nargs="+", default=[1.5, 4.0],
@@ -71,7 +77,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join("results", args.experiment)
     if args.steps is None:
-        args.steps = 1000 if args.experiment == "scaling" else 2000
+        args.steps = 1000 if args.experiment in ("scaling", "dynamic") else 2000
     if args.sample_steps is None:
         args.sample_steps = [10, 25, 50] if args.experiment == "objective" else [50]
     return args
@@ -214,11 +220,82 @@ def compare_samplers(args):
     print("\n".join(lines))
 
 
+def finetune_dynamic(args, run_dir, mode, ratio):
+    """Fine-tune the parent --ckpt into a Dynamic DiT (or finish doing so)."""
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        if load_checkpoint(ckpt)[1]["step"] >= args.steps:
+            return
+        argv = ["--resume", run_dir, "--steps", str(args.steps)]
+    else:
+        argv = ["--finetune", args.ckpt, "--dynamic", mode, "--target-ratio", str(ratio), "--steps", str(args.steps),
+                "--backend", args.backend, "--out", run_dir, "--log-every", str(max(1, args.steps // 20)),
+                "--ckpt-every", str(max(1, args.steps // 4)), "--no-final-samples"]
+    trained = train_mod.train(*train_mod.parse_args(argv))
+    if trained is None or trained.step < args.steps:
+        sys.exit(f"experiment stopped: {run_dir} reached step {getattr(trained, 'step', 0)} of {args.steps}; "
+                 "run the same command again to continue")
+
+
+def compare_dynamic(args):
+    """The dynamic experiment: the parent and its fine-tunes, each sampled with every --samplers pair at each
+    --cfg-scales; scores, MACs per network call relative to the parent, seconds and speed-ups (results.md/json)."""
+    models = {"parent": args.ckpt}
+    for pair in args.dynamic_runs:
+        mode, _, ratio = pair.partition(":")
+        name = f"{mode}-{ratio}"
+        print(f"== dynamic: fine-tune {name} ({args.steps} steps)")
+        run(finetune_dynamic, args, os.path.join(args.out, name), mode, float(ratio))
+        models[name] = os.path.join(args.out, name)
+    rows = []
+    for name, path in models.items():
+        model, objective, _ = load(path, backend=args.backend)
+        labels = np.repeat(np.arange(model.num_classes), args.per_class)
+        dense = model.gmacs() * 1e9
+        for cfg in args.cfg_scales:
+            for pair in args.samplers:
+                sampler, _, steps = pair.partition(":")
+                view = model.using(model.params)  # its own routes: the timesteps this sampler visits
+                start = time.perf_counter()
+                images = generate(view, labels, objective=objective, cfg_scale=cfg, num_sampling_steps=int(steps),
+                                  sampler=sampler, seed=args.seed, clip_denoised=True, progress=False)
+                seconds = time.perf_counter() - start
+                visited = getattr(view, "timesteps_routed", lambda: [])()
+                macs = np.mean([view.macs_at(t) for t in visited]) / dense if visited else 1.0
+                r = evaluate(to_uint8_nhwc(images), labels)
+                rows.append(dict(model=name, cfg=cfg, sampler=sampler, steps=int(steps), seconds=round(seconds, 2),
+                                 macs_ratio=round(float(macs), 4), **{k: r[k] for k in SCORES}))
+                print(f"{name} cfg {cfg} {sampler} {steps}: accuracy {r['accuracy']:.3f}, lowest "
+                      f"{r['min_class_accuracy']:.2f}, Frechet {r['frechet_distance']:.1f}, MACs {macs:.3f}, "
+                      f"{seconds:.1f} s")
+    base = {(r["cfg"], r["sampler"], r["steps"]): r["seconds"] for r in rows if r["model"] == "parent"}
+    first = args.samplers[0].partition(":")
+    for r in rows:
+        r["speedup"] = base[(r["cfg"], r["sampler"], r["steps"])] / r["seconds"]
+        r["speedup_vs_first"] = base[(r["cfg"], first[0], int(first[2]))] / r["seconds"]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    lines = [f"# dynamic: parent {args.ckpt}, fine-tunes of {args.steps} steps, {args.per_class} samples per class, "
+             f"seed {args.seed}", "",
+             f"| model | guidance | sampler | steps | MACs / call | accuracy | lowest class | Frechet distance | seconds "
+             f"| speed-up | vs parent {args.samplers[0]} |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['cfg']:g} | {r['sampler']} | {r['steps']} | {r['macs_ratio']:.3f} | "
+              f"{r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | {r['frechet_distance']:.1f} | "
+              f"{r['seconds']:.1f} | {r['speedup']:.2f}x | {r['speedup_vs_first']:.1f}x |" for r in rows]
+    lines += ["", f"Frechet distance of as many real digits (the floor): {rows[0]['reference_frechet_distance']:.1f}."]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.experiment == "samplers":
         return run(compare_samplers, args)
+    if args.experiment == "dynamic":
+        return run(compare_dynamic, args)
     results_path = os.path.join(args.out, "results.json")
     results = {}
     for name, (variant, block, objective) in configurations(args).items():
