@@ -5,6 +5,7 @@
     python -m minidit.dev.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
     python -m minidit.dev.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
     python -m minidit.dev.bench --mmdit --compare-torch    # SD3's MM-DiT, rectified flow, against diffusers' model
+    python -m minidit.dev.bench --sampling --dynamic RUN   # a Dynamic DiT's sliced sampling against its weights dense
 
 Per configuration it prints
   * ms per training step, split into forward (q_sample + DiT forward), backward (loss, its gradient and the DiT
@@ -36,10 +37,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..backend import get_backend
-from ..checkpoint import build_model
+from ..checkpoint import build_model, load
 from ..cli import nonnegative_int, positive_int, run, sampling_steps
 from ..diffusion import Diffusion
-from ..model import DiTSpec, forward_macs, get_config
+from ..model import DiT, DiTSpec, forward_macs, get_config
 from ..optim import EMA, AdamW
 from ..threads import data_parallel
 from ..xp import set_fused_kernels, to_device
@@ -591,6 +592,42 @@ def bench_sampling(spec, args):
               f"peak resident memory {peak_gib():.2f} GiB")
 
 
+def bench_dynamic(args):
+    """--sampling --dynamic RUN: guided DDPM sampling (--sample-steps steps, --batch-size images) with the Dynamic
+    DiT's sliced sub-networks, against the very same weights run dense as a DiT (the routers ignored), in
+    alternating runs. Prints seconds per step of each, the speed-up, and the MACs per network call of both."""
+    from ..sample import generate
+
+    dynamic, objective, meta = load(args.dynamic, backend=args.backend)
+    fields = {k: v for k, v in dynamic.spec.to_dict().items() if k not in ("kind", "dynamic")}
+    dense = DiT.from_spec(fields, backend=args.backend)
+    dense.load_state_dict({k: v for k, v in dynamic.params.items() if k in dense.params})
+    batch, steps = args.batch_size or 100, args.sample_steps
+    labels = np.random.default_rng(0).integers(0, dense.num_classes, batch)
+    print(f"== sampling: Dynamic DiT {args.dynamic} ({dynamic.dynamic}, step {meta.get('step')}) vs its weights dense; "
+          f"{steps} guided DDPM steps of {batch} images (x2 through the model), backend {args.backend}, threads "
+          f"{args.threads}, {args.runs} runs each, alternating")
+
+    def seconds_per_step(model):
+        start = time.perf_counter()
+        generate(model, labels, objective=objective, cfg_scale=4.0, num_sampling_steps=steps, progress=False,
+                 threads=args.threads, clip_denoised=True)
+        return (time.perf_counter() - start) / steps
+
+    views = {"dense": dense, "dynamic": dynamic}
+    times = {name: [] for name in views}
+    for name, model in views.items():  # warm-up: and the dynamic model cuts its sub-networks once here
+        seconds_per_step(model)
+    for _ in range(args.runs):
+        for name, model in views.items():
+            times[name].append(seconds_per_step(model))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    macs = np.mean([dynamic.macs_at(t) for t in dynamic.timesteps_routed()]) / (dense.gmacs() * 1e9)
+    print(f"dense   {1e3 * med['dense']:.1f} ms per step, MACs per call 1.000")
+    print(f"dynamic {1e3 * med['dynamic']:.1f} ms per step, MACs per call {macs:.3f} (mean over the visited timesteps)")
+    print(f"speed-up {med['dense'] / med['dynamic']:.2f}x (median over runs)")
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
@@ -623,12 +660,19 @@ def parse_args(argv=None):
     ap.add_argument("--sampling", action="store_true",
                     help="measure guided sampling instead of training: time per step and peak resident memory "
                          "(e.g. --variant XL/2 --batch-size 8 --sampling --vae-decode: the official 256 px setting)")
-    ap.add_argument("--sample-steps", type=sampling_steps, default=2, help="with --sampling: DDPM steps to run (>= 2)")
+    ap.add_argument("--sample-steps", type=sampling_steps, default=None,
+                    help="with --sampling: DDPM steps to run (>= 2; default 2, with --dynamic 50)")
+    ap.add_argument("--dynamic", default=None, metavar="RUN",
+                    help="with --sampling: time a Dynamic DiT checkpoint's sliced sampling against its weights dense "
+                         "(--batch-size default 100)")
     ap.add_argument("--vae-decode", action="store_true", help="with --sampling: also decode with an SD-shaped VAE")
     ap.add_argument("--mmdit", action="store_true",
                     help="time SD3's MM-DiT (a small preset, rectified flow) instead; with --compare-torch against "
                          "diffusers' SD3Transformer2DModel with the same weights")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.sample_steps is None:
+        args.sample_steps = 50 if args.dynamic else 2
+    return args
 
 
 def specs_from_args(args):
@@ -660,6 +704,11 @@ def main(argv=None):
         return 2
     if args.mmdit:
         run(bench_mmdit, args)
+        return 0
+    if args.dynamic:
+        if not args.sampling:
+            sys.exit("error: --dynamic times sampling: add --sampling")
+        run(bench_dynamic, args)
         return 0
     for spec in run(specs_from_args, args):  # an unknown variant or a bad size: one line, not a traceback
         if args.sampling:
