@@ -64,6 +64,15 @@ class DynamicDiTSpec(DiTSpec):
 
     kind = "dydit"
 
+    @classmethod
+    def from_dit(cls, spec, dynamic):
+        """The Dynamic DiT of a DiTSpec."""
+        return cls(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTSpec)}, dynamic=dynamic)
+
+    def dense(self):
+        """The DiTSpec of the same network without routers (the weights it shares with its parent)."""
+        return DiTSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DiTSpec)})
+
 
 # ----------------------------------------------------------------------------------------------
 # The gate: hard forward, sigmoid backward (straight-through)
@@ -112,8 +121,7 @@ class WidthBlockCache(NamedTuple):
 
 def expand_groups(gates, width):
     """(N, G) group gates -> (N, 1, width): each gate repeated over its width / G contiguous channels."""
-    N, G = gates.shape
-    return get_xp(gates).repeat(gates, width // G, axis=1)[:, None, :]
+    return get_xp(gates).repeat(gates, width // gates.shape[1], axis=1)[:, None, :]
 
 
 def width_block_forward(x, c_act, P, prefix, num_heads, head_gates, group_gates):
@@ -218,8 +226,7 @@ class DynamicDiT(DiT):
         self.forget_subnetworks()
         super().__init__(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, seed=seed,
                          dtype=dtype, backend=backend, block=block)
-        self.spec = DynamicDiTSpec(**dataclasses.asdict(self.spec), dynamic=dynamic)
-        self.spec = dataclasses.replace(self.spec, variant=self.variant)  # asdict turned a DiTConfig into a dict
+        self.spec = DynamicDiTSpec.from_dit(self.spec, dynamic)
         # the FLOPs each gate switches, as a fraction of the blocks' dense MACs: r_n = sum(gates * weights)
         attn, mlp, blocks = self.block_parts()
         H, L = self.num_heads, self.depth

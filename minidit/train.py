@@ -26,7 +26,6 @@ pure function of (seed, k): so a resumed run reproduces the uninterrupted run's 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -187,8 +186,7 @@ def model_spec(args, data):
     if args.dynamic:
         if args.block != "adaln-zero":
             raise ValueError(f"--dynamic routes DiT's adaLN-Zero blocks, not --block {args.block}")
-        spec = DynamicDiTSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
-                              dynamic=args.dynamic)
+        spec = DynamicDiTSpec.from_dit(spec, args.dynamic)
     return spec.to_dict()
 
 

@@ -599,8 +599,7 @@ def bench_dynamic(args):
     from ..sample import generate
 
     dynamic, objective, meta = load(args.dynamic, backend=args.backend)
-    fields = {k: v for k, v in dynamic.spec.to_dict().items() if k not in ("kind", "dynamic")}
-    dense = DiT.from_spec(fields, backend=args.backend)
+    dense = DiT.from_spec(dynamic.spec.dense(), backend=args.backend)
     dense.load_state_dict({k: v for k, v in dynamic.params.items() if k in dense.params})
     batch, steps = args.batch_size or 100, args.sample_steps
     labels = np.random.default_rng(0).integers(0, dense.num_classes, batch)
