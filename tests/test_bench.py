@@ -65,3 +65,19 @@ def test_mmdit_mode(capsys):
         assert bench.main(argv + ["--compare-torch"]) == 0
         out = capsys.readouterr().out
         assert "diffusers SD3Transformer2DModel eager" in out and "step-time ratio minidit / diffusers" in out
+
+
+def test_dynamic_sampling_mode(tmp_path, capsys):
+    """--sampling --dynamic RUN: the sliced sampler against the same weights dense, with MACs per call."""
+    from minidit import train as train_mod
+
+    parent, child = str(tmp_path / "p"), str(tmp_path / "d")
+    train_mod.main(["--variant", "mini/4", "--batch-size", "4", "--steps", "1", "--out", parent, "--no-final-samples"])
+    train_mod.main(["--finetune", parent, "--dynamic", "depth", "--batch-size", "4", "--steps", "1", "--out", child,
+                    "--no-final-samples"])
+    capsys.readouterr()
+    assert bench.main(["--sampling", "--dynamic", child, "--batch-size", "2", "--sample-steps", "2", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per step, MACs per call 1.000" in out and "speed-up " in out and "(depth, step 1)" in out
+    with pytest.raises(SystemExit, match="add --sampling"):
+        bench.main(["--dynamic", child])

@@ -66,3 +66,25 @@ def test_samplers_scores_one_checkpoint_with_each_sampler(tmp_path):
                                                                     (4.0, "ddpm", 3), (4.0, "dpm++2m", 2)]
     assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
     assert "| 4 | dpm++2m | 2 |" in open(os.path.join(out, "results.md")).read()
+
+
+def test_dynamic_fine_tunes_the_parent_and_times_each_model(tmp_path):
+    from minidit import train as train_mod
+
+    parent = str(tmp_path / "parent")
+    train_mod.main(["--variant", "mini/4", "--batch-size", "4", "--steps", "2", "--out", parent, "--no-final-samples"])
+    out = str(tmp_path / "dynamic")
+    argv = ["dynamic", "--ckpt", parent, "--out", out, "--dynamic-runs", "width:0.5", "depth:0.5", "--steps", "2",
+            "--per-class", "1", "--samplers", "ddpm:3", "dpm++2m:2", "--cfg-scales", "4"]
+    main(argv)
+    with open(os.path.join(out, "results.json")) as f:
+        rows = json.load(f)["rows"]
+    assert [(r["model"], r["sampler"]) for r in rows] == [(m, s) for m in ("parent", "width-0.5", "depth-0.5")
+                                                          for s in ("ddpm", "dpm++2m")]
+    parent_rows = [r for r in rows if r["model"] == "parent"]
+    assert all(r["macs_ratio"] == 1.0 and r["speedup"] == 1.0 for r in parent_rows)
+    assert all(0 < r["macs_ratio"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "| width-0.5 | 4 | dpm++2m | 2 |" in open(os.path.join(out, "results.md")).read()
+    stamp = os.path.getmtime(os.path.join(out, "width-0.5", "checkpoint.npz"))
+    main(argv)  # finished fine-tunes are sampled again, not retrained
+    assert os.path.getmtime(os.path.join(out, "width-0.5", "checkpoint.npz")) == stamp
