@@ -342,8 +342,8 @@ class DynamicDiT(DiT):
     # -- forward / backward ----------------------------------------------------------------------
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True, hard=True):
         """As DiT.forward, the blocks gated by t's routers. cache=False with one t for the whole batch (sampling) runs
-        the sliced sub-network instead (the same numbers, less work). hard=False: soft gates sigmoid(logit) (only to
-        check the backward numerically)."""
+        the sliced sub-network instead (the same numbers, less work; on a GPU it reads t on the host, one small sync
+        per call). hard=False: soft gates sigmoid(logit) (only to check the backward numerically)."""
         if not cache and hard and x.shape[0] and bool((t == t[0]).all()):
             return self.sliced_forward(x, t, y, force_drop_ids), None
         if train:
