@@ -14,6 +14,7 @@ The mainline, in reading order (each module imports only the ones before it):
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
     dynamic       Dynamic DiT: timestep routers switch heads, MLP channels or blocks; the sampler skips them
+    video         a spatio-temporal DiT for clips: 3-D patches, spatial and temporal blocks in turn (Latte)
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks

@@ -33,6 +33,7 @@ from . import conditioning
 from .captions import CaptionMMDiT
 from .dynamic import DynamicDiT
 from .mmdit import MMDiT
+from .video import VideoDiT
 from .diffusion import Diffusion
 from .flow import RectifiedFlow
 from .xp import to_numpy
@@ -284,7 +285,8 @@ def read(path) -> tuple[dict, dict]:
 def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
     """The model a spec dict describes (a checkpoint's meta["model"]), freshly initialised from `seed`."""
     models = {"dit": conditioning.build, "mmdit": MMDiT.from_spec,  # kind -> builder
-              "mmdit-captions": CaptionMMDiT.from_spec, "dydit": DynamicDiT.from_spec}
+              "mmdit-captions": CaptionMMDiT.from_spec, "dydit": DynamicDiT.from_spec,
+              "video-dit": VideoDiT.from_spec}
     kind = spec.get("kind")
     if kind not in models:
         raise CheckpointError(f"unknown model kind {kind!r} in the checkpoint; this minidit builds {', '.join(models)}")

@@ -462,22 +462,26 @@ def unpatchify_backward(dout, p):
     return d.reshape(N, h * w, p * p * C)
 
 
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2-D sin-cos positional embedding (MAE), float64 numpy, shape (grid_size**2, embed_dim).
+def get_1d_sincos_pos_embed(dim, pos):
+    """Fixed 1-D sin-cos embedding of positions pos (M,) -> (M, dim), float64 numpy:
+    [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (dim/2)), k < dim/2."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
+    out = np.outer(np.asarray(pos, dtype=np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    Token n sits at (row, col) = (n // g, n % g). The first D/2 dims encode the column, the last D/2 the
-    row; each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (D/4)), k < D/4.
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D sin-cos positional embedding (MAE), float64 numpy, shape (h*w, embed_dim) for grid_size = g
+    (h = w = g) or (h, w).
+
+    Token n sits at (row, col) = (n // w, n % w). The first D/2 dims encode the column, the last D/2 the
+    row, each with get_1d_sincos_pos_embed (omega_k = 10000^(-k / (D/4)), k < D/4).
     """
     assert embed_dim % 4 == 0, "the 2-D sin-cos embedding needs a hidden size divisible by 4"
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                             indexing="ij")  # each (g, g)
-
-    def emb_1d(dim, pos):  # pos (M,) -> (M, dim)
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
-        out = np.outer(pos, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([emb_1d(embed_dim // 2, cols.ravel()), emb_1d(embed_dim // 2, rows.ravel())], axis=1)
+    h, w = (grid_size, grid_size) if np.ndim(grid_size) == 0 else grid_size
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    return np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, cols.ravel()),
+                           get_1d_sincos_pos_embed(embed_dim // 2, rows.ravel())], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,322 @@
+"""A spatio-temporal DiT for short videos (SORA's step; the interleaved design of Latte, Ma et al. 2024): DiT's
+blocks, alternately over the tokens of one frame and over the frames at one position.
+
+    x (N, C, F, H, W) --3-D patches pt x p x p--> (N, F', S, D),  F' = F / pt, S = (H / p)(W / p)
+                      + 2-D sin-cos over each frame's grid + 1-D sin-cos over the F' frames (for any F', H, W)
+    t, y -> c (N, D)  exactly as DiT
+    block 2i   (spatial):   tokens as (N F', S, D): attention within each frame,     c repeated per frame
+    block 2i+1 (temporal):  tokens as (N S, F', D): attention across frames per spot, c repeated per position
+    final layer (N, F' S, D) -> (N, F' S, pt p p C_out) --un-patchify--> (N, C_out, F, H, W)
+
+Each block is DiT's own adaLN-Zero block (minidit.model.block_forward); a video adds only the 3-D patches, the
+positions, and the two reshuffles of the tokens between blocks, each with its backward. Factorised attention
+compares F' S^2 + S F'^2 token pairs per head instead of full 3-D attention's (F' S)^2; attention="full" runs that
+baseline (every block over all F' S tokens), so the two can be measured against each other.
+
+Videos are channels-first, (N, C, F, H, W) as a 3-D convolution reads them, so the objectives (minidit.diffusion,
+minidit.flow) treat them as images with more axes. One set of weights takes any frame count divisible by pt and any
+size divisible by p: the positions are recomputed for each shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .layers import (
+    FREQ_DIM, embedding_backward, embedding_forward, final_layer_backward, final_layer_forward,
+    get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, linear_backward, linear_forward, silu_backward, silu_forward,
+    timestep_embedder_backward, timestep_embedder_forward,
+)
+from .model import (
+    EMBED_T, FINAL, LABELS, DiTConfig, attention_mlp_shapes, block_backward, block_forward, block_macs,
+    get_config, init_params, linear_shapes,
+)
+from .params import Model, named, take
+from .backend import get_backend
+from .xp import get_xp, to_device
+
+ATTENTION = ("factorised", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDiTSpec:
+    """Every argument that decides a video DiT's parameters (stored in checkpoints, like DiTSpec). num_frames and
+    input_size are the default clip shape (for sampling); the weights take any other."""
+    variant: Any = "mini/4"  # depth, width, heads and spatial patch p, as DiT's variants
+    num_frames: int = 8
+    input_size: int = 16
+    in_channels: int = 1
+    num_classes: int = 10
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    temporal_patch: int = 1  # pt: frames per token
+    attention: str = "factorised"  # or "full": every block over all the clip's tokens
+
+    kind = "video-dit"
+
+    @classmethod
+    def of(cls, spec):
+        if isinstance(spec, cls):
+            return spec
+        fields = {k: v for k, v in spec.items() if k != "kind"}
+        if isinstance(fields.get("variant"), dict):
+            fields["variant"] = DiTConfig(**fields["variant"])
+        return cls(**fields)
+
+    @property
+    def config(self):
+        return get_config(self.variant)
+
+    @property
+    def out_channels(self):
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["variant"] = self.variant if not isinstance(self.variant, DiTConfig) else dataclasses.asdict(self.variant)
+        return {"kind": self.kind, **d}
+
+
+def param_shapes(spec):
+    """name -> shape: DiT's names, the patch embedding a Conv3d weight (D, C, pt, p, p), no pos_embed (computed)."""
+    s = VideoDiTSpec.of(spec)
+    cfg = s.config
+    D, p, pt, C = cfg.hidden_size, cfg.patch_size, s.temporal_patch, s.in_channels
+    shapes = {"x_embedder.proj.weight": (D, C, pt, p, p), "x_embedder.proj.bias": (D,),
+              "t_embedder.mlp.0.weight": (D, FREQ_DIM), "t_embedder.mlp.0.bias": (D,),
+              "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+              LABELS: (s.num_classes + (1 if s.class_dropout_prob > 0 else 0), D)}
+    for i in range(cfg.depth):
+        shapes.update(attention_mlp_shapes(f"blocks.{i}.", cfg))
+        shapes.update(linear_shapes(f"blocks.{i}.adaLN_modulation.1.", 6 * D, D))
+    shapes.update(linear_shapes("final_layer.linear.", pt * p * p * s.out_channels, D))
+    shapes.update(linear_shapes("final_layer.adaLN_modulation.1.", 2 * D, D))
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-D patches: a pt x p x p patch flattened in (c, pt, p_row, p_col) order, the Conv3d weight's; tokens ordered
+# (frame, row, col). The output side uses (pt, p_row, p_col, c), channel fastest, as DiT's unpatchify.
+# ----------------------------------------------------------------------------------------------
+def patchify3d(x, pt, p):
+    """(N, C, F, H, W) -> (N, F/pt, (H/p)(W/p), C pt p p)."""
+    N, C, F, H, W = x.shape
+    f, h, w = F // pt, H // p, W // p
+    x = x.reshape(N, C, f, pt, h, p, w, p).transpose(0, 2, 4, 6, 1, 3, 5, 7)  # (N, f, h, w, C, pt, p, p)
+    return x.reshape(N, f, h * w, C * pt * p * p)
+
+
+def patchify3d_backward(dtokens, shape, pt, p):
+    """The adjoint of patchify3d (a permutation): (N, f, S, C pt p p) -> (N, C, F, H, W)."""
+    N, C, F, H, W = shape
+    f, h, w = F // pt, H // p, W // p
+    d = dtokens.reshape(N, f, h, w, C, pt, p, p).transpose(0, 4, 1, 5, 2, 6, 3, 7)
+    return d.reshape(shape)
+
+
+def unpatchify3d(y, pt, p, C, f, h, w):
+    """(N, f h w, pt p p C) -> (N, C, f pt, h p, w p)."""
+    N = y.shape[0]
+    y = y.reshape(N, f, h, w, pt, p, p, C).transpose(0, 7, 1, 4, 2, 5, 3, 6)  # (N, C, f, pt, h, p, w, p)
+    return y.reshape(N, C, f * pt, h * p, w * p)
+
+
+def unpatchify3d_backward(dout, pt, p):
+    """The adjoint of unpatchify3d: (N, C, F, H, W) -> (N, f h w, pt p p C)."""
+    N, C, F, H, W = dout.shape
+    f, h, w = F // pt, H // p, W // p
+    d = dout.reshape(N, C, f, pt, h, p, w, p).transpose(0, 2, 4, 6, 3, 5, 7, 1)  # (N, f, h, w, pt, p, p, C)
+    return d.reshape(N, f * h * w, pt * p * p * C)
+
+
+@functools.lru_cache(maxsize=32)
+def video_pos_embed(dim, f, h, w):
+    """(f, h w, dim) float64: each frame's 2-D sin-cos table over its h x w grid plus the 1-D sin-cos of its index."""
+    return get_2d_sincos_pos_embed(dim, (h, w))[None] + get_1d_sincos_pos_embed(dim, np.arange(f))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two reshuffles: a clip's tokens (N, f, S, D) as sequences of one frame, or of one position
+# ----------------------------------------------------------------------------------------------
+def to_frames(h):
+    """(N, f, S, D) -> (N f, S, D): each frame a sequence (a view)."""
+    N, f, S, D = h.shape
+    return h.reshape(N * f, S, D)
+
+
+def to_positions(h):
+    """(N, f, S, D) -> (N S, f, D): each spatial position across the frames a sequence (a copy)."""
+    N, f, S, D = h.shape
+    return get_xp(h).ascontiguousarray(h.transpose(0, 2, 1, 3)).reshape(N * S, f, D)
+
+
+def from_positions(h, N):
+    """(N S, f, D) -> (N, f, S, D), the inverse of to_positions (and its adjoint: a permutation)."""
+    NS, f, D = h.shape
+    return get_xp(h).ascontiguousarray(h.reshape(N, NS // N, f, D).transpose(0, 2, 1, 3))
+
+
+class VideoCache(NamedTuple):
+    shape: tuple  # x's (N, C, F, H, W)
+    patch: Any  # LinearCache of the patch embedding
+    t_embedder: Any
+    y_embedder: Any
+    c_silu: Any
+    blocks: list  # BlockCache per block
+    final: Any
+
+
+class VideoDiT(Model):
+    """The spatio-temporal DiT (module docstring), with DiT's calls:
+
+        model = VideoDiT("mini/4", num_frames=8, input_size=16, in_channels=1, num_classes=10)
+        out, cache = model.forward(x, t, y, train=True)   # x (N, C, F, H, W) -> (N, C_out, F, H, W)
+        grads = model.backward(dout, cache)
+    """
+
+    def __init__(self, variant="mini/4", num_frames=8, input_size=16, in_channels=1, num_classes=10,
+                 learn_sigma=True, class_dropout_prob=0.1, temporal_patch=1, attention="factorised", seed=0,
+                 dtype=np.float32, backend="numpy"):
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION)}")
+        variant = variant if isinstance(variant, DiTConfig) else str(variant)
+        self.spec = spec = VideoDiTSpec(variant, num_frames, input_size, in_channels, num_classes, learn_sigma,
+                                        class_dropout_prob, temporal_patch, attention)
+        cfg = spec.config
+        if cfg.hidden_size % cfg.num_heads or cfg.hidden_size % 4:
+            raise ValueError(f"hidden size {cfg.hidden_size} must be divisible by num_heads {cfg.num_heads} and by 4")
+        self.variant, self.config, self.attention = variant, cfg, attention
+        self.num_frames, self.input_size, self.in_channels = num_frames, input_size, in_channels
+        self.num_classes, self.learn_sigma, self.class_dropout_prob = num_classes, learn_sigma, class_dropout_prob
+        self.out_channels, self.temporal_patch = spec.out_channels, temporal_patch
+        self.patch_size, self.num_heads, self.depth = cfg.patch_size, cfg.num_heads, cfg.depth
+        self.check_shape(num_frames, input_size, input_size)
+        self.dtype = np.dtype(dtype)
+        self.xp = get_backend(backend)
+        self.rng = np.random.default_rng(seed)
+        self.place(init_params(self.param_shapes(), seed))
+
+    @classmethod
+    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
+        s = VideoDiTSpec.of(spec)
+        return cls(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}, seed=seed, dtype=dtype,
+                   backend=backend)
+
+    def param_shapes(self):
+        return param_shapes(self.spec)
+
+    def check_shape(self, frames, height, width):
+        pt, p = self.temporal_patch, self.patch_size
+        if frames % pt or height % p or width % p or min(frames, height, width) < 1:
+            raise ValueError(f"a clip of {frames} frames of {height} x {width} does not cut into {pt} x {p} x {p} "
+                             f"patches: give a frame count divisible by {pt} and sizes divisible by {p}")
+
+    def gmacs(self, frames=None, size=None):
+        """Forward multiply-accumulates per clip, in billions, at a clip shape (default: the spec's)."""
+        cfg, D, p, pt = self.config, self.config.hidden_size, self.patch_size, self.temporal_patch
+        f, S = (frames or self.num_frames) // pt, ((size or self.input_size) // p) ** 2
+        if self.attention == "full":
+            blocks = block_macs(cfg, f * S)
+        else:  # per pair of blocks: f sequences of S tokens, S sequences of f tokens
+            blocks = (f * block_macs(cfg, S) + S * block_macs(cfg, f)) / 2
+        rows = 1 if self.attention == "full" else (f + S) / 2  # the adaLN regression runs once per sequence
+        embed = f * S * self.in_channels * pt * p * p * D + FREQ_DIM * D + D * D
+        final = f * S * D * pt * p * p * self.out_channels + 2 * D * D
+        return (embed + cfg.depth * (blocks + rows * 6 * D * D) + final) / 1e9
+
+    # -- forward / backward ----------------------------------------------------------------------
+    def check_inputs(self, x, t, y):
+        C = self.in_channels
+        if getattr(x, "ndim", None) != 5 or x.shape[1] != C:
+            raise ValueError(f"x must be a batch of clips (N, {C}, F, H, W), got {tuple(getattr(x, 'shape', ()))}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model is {self.dtype}")
+        self.check_shape(*x.shape[2:])
+        for name, a in (("t", t), ("y", y)):
+            if getattr(a, "shape", None) != (x.shape[0],):
+                raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(getattr(a, 'shape', ()))}")
+
+    def label_dropout(self, n, rng=None):
+        if self.class_dropout_prob <= 0:
+            return None
+        return (rng or self.rng).random(n) < self.class_dropout_prob
+
+    def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
+        """x (N, C, F, H, W), t (N,), y (N,) -> (out (N, C_out, F, H, W), cache); label dropout as DiT.forward."""
+        self.check_inputs(x, t, y)
+        P, xp, pt, p = self.params, self.xp, self.temporal_patch, self.patch_size
+        N, _, F, H, W = x.shape
+        f, h, w = F // pt, H // p, W // p
+        if force_drop_ids is None and train:
+            force_drop_ids = self.label_dropout(N, rng)
+        if force_drop_ids is not None:
+            y = xp.where(xp.asarray(force_drop_ids) == 1, self.num_classes, y)
+        D = self.config.hidden_size
+        tokens, patch_cache = linear_forward(patchify3d(x, pt, p), P["x_embedder.proj.weight"].reshape(D, -1),
+                                             P["x_embedder.proj.bias"])  # (N, f, S, D)
+        tokens += to_device(video_pos_embed(D, f, h, w).astype(self.dtype), xp)
+        temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))
+        yemb, y_cache = embedding_forward(y, P[LABELS])
+        c_act, c_silu_cache = silu_forward(temb + yemb)  # (N, D)
+        c_frames, c_positions = xp.repeat(c_act, f, axis=0), xp.repeat(c_act, h * w, axis=0)
+        blocks = []
+        for i in range(self.depth):
+            prefix = f"blocks.{i}."
+            if self.attention == "full":
+                seq, block_cache = block_forward(tokens.reshape(N, f * h * w, D), c_act, P, prefix, self.num_heads)
+                tokens = seq.reshape(N, f, h * w, D)
+            elif i % 2 == 0:  # spatial
+                seq, block_cache = block_forward(to_frames(tokens), c_frames, P, prefix, self.num_heads)
+                tokens = seq.reshape(N, f, h * w, D)
+            else:  # temporal
+                seq, block_cache = block_forward(to_positions(tokens), c_positions, P, prefix, self.num_heads)
+                tokens = from_positions(seq, N)
+            if cache:
+                blocks.append(block_cache)
+        out, final_cache = final_layer_forward(tokens.reshape(N, f * h * w, D), c_act, *take(P, "", FINAL))
+        out = unpatchify3d(out, pt, p, self.out_channels, f, h, w)
+        if not cache:
+            return out, None
+        return out, VideoCache(x.shape, patch_cache, t_cache, y_cache, c_silu_cache, blocks, final_cache)
+
+    def backward(self, dout, cache, return_dx=False, release=False):
+        """dout (N, C_out, F, H, W) -> grads (and dx with return_dx), as DiT.backward."""
+        grads, xp, pt, p = {}, get_xp(dout), self.temporal_patch, self.patch_size
+        N, _, F, H, W = cache.shape
+        f, S, D = F // pt, (H // p) * (W // p), self.config.hidden_size
+        dseq, dc_act, *dfinal = final_layer_backward(unpatchify3d_backward(dout, pt, p), cache.final)
+        grads.update(named("", FINAL, dfinal))
+        dtokens = dseq.reshape(N, f, S, D)
+        dc_frames = xp.zeros((N * f, D), dtype=dout.dtype)  # c's gradient through the spatial blocks' copies
+        dc_positions = xp.zeros((N * S, D), dtype=dout.dtype)  # and through the temporal blocks'
+        for i in reversed(range(self.depth)):
+            prefix = f"blocks.{i}."
+            if self.attention == "full":
+                dseq, dc = block_backward(dtokens.reshape(N, f * S, D), cache.blocks[i], prefix, grads)
+                dc_act = dc_act + dc
+                dtokens = dseq.reshape(N, f, S, D)
+            elif i % 2 == 0:
+                dseq, dc = block_backward(to_frames(dtokens), cache.blocks[i], prefix, grads)
+                dc_frames = dc_frames + dc
+                dtokens = dseq.reshape(N, f, S, D)
+            else:
+                dseq, dc = block_backward(to_positions(dtokens), cache.blocks[i], prefix, grads)
+                dc_positions = dc_positions + dc
+                dtokens = from_positions(dseq, N)
+            if release:
+                cache.blocks[i] = None
+        # c was repeated per frame and per position: its gradient is the sum over the copies
+        dc_act = dc_act + dc_frames.reshape(N, f, D).sum(axis=1) + dc_positions.reshape(N, S, D).sum(axis=1)
+        dc = silu_backward(dc_act, cache.c_silu)
+        grads[LABELS] = embedding_backward(dc, cache.y_embedder)
+        grads.update(named("", EMBED_T, timestep_embedder_backward(dc, cache.t_embedder)))
+        dpatches, dw, db = linear_backward(dtokens, cache.patch)
+        grads["x_embedder.proj.weight"] = dw.reshape(self.params["x_embedder.proj.weight"].shape)
+        grads["x_embedder.proj.bias"] = db
+        grads = {k: grads[k] for k in self.trainable()}
+        if return_dx:
+            return grads, patchify3d_backward(dpatches, cache.shape, pt, p)
+        return grads
