@@ -1,0 +1,112 @@
+"""The spatio-temporal DiT (minidit.video): the 3-D patches and the token reshuffles as adjoint permutations, the
+whole model's float64 gradient check at random parameters for hypothesis-drawn clip shapes, one set of weights on
+every shape, positions, and the checkpoint round trip."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minidit.checkpoint import build_model
+from minidit.gradcheck import numerical_grad, random_indices, rel_error
+from minidit.model import DiTConfig
+from minidit.video import (
+    VideoDiT, from_positions, patchify3d, patchify3d_backward, to_positions, unpatchify3d, unpatchify3d_backward,
+    video_pos_embed,
+)
+
+TINY = DiTConfig(depth=2, hidden_size=8, num_heads=2, patch_size=2)
+
+
+def tiny_video(pt=1, attention="factorised", seed=0, frames=2):
+    model = VideoDiT(TINY, num_frames=frames * pt, input_size=4, in_channels=2, num_classes=3, temporal_patch=pt,
+                     attention=attention, dtype=np.float64, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for v in model.params.values():
+        v[...] = 0.3 * rng.standard_normal(v.shape)
+    return model
+
+
+@given(pt=st.sampled_from([1, 2]), f=st.integers(1, 3), h=st.integers(1, 3), w=st.integers(1, 3))
+@settings(max_examples=20, deadline=None)
+def test_patches_and_reshuffles_are_adjoint_permutations(pt, f, h, w):
+    """<patchify(x), d> = <x, patchify_backward(d)> and the same for the other three: each moves every element once."""
+    rng = np.random.default_rng(f * 100 + h * 10 + w)
+    p, C, N = 2, 3, 2
+    x = rng.standard_normal((N, C, f * pt, h * p, w * p))
+    tokens = patchify3d(x, pt, p)
+    assert tokens.shape == (N, f, h * w, C * pt * p * p)
+    d = rng.standard_normal(tokens.shape)
+    assert np.isclose(np.sum(tokens * d), np.sum(x * patchify3d_backward(d, x.shape, pt, p)))
+    y = rng.standard_normal((N, f * h * w, pt * p * p * C))
+    out = unpatchify3d(y, pt, p, C, f, h, w)
+    assert out.shape == x.shape
+    d = rng.standard_normal(out.shape)
+    assert np.isclose(np.sum(out * d), np.sum(y * unpatchify3d_backward(d, pt, p)))
+    np.testing.assert_array_equal(unpatchify3d_backward(out, pt, p), y)  # a permutation: its own inverse's adjoint
+    seq = tokens.reshape(N, f, h * w, -1)
+    np.testing.assert_array_equal(from_positions(to_positions(seq), N), seq)
+    # the first temporal sequence is token 0 of every frame of clip 0
+    np.testing.assert_array_equal(to_positions(seq)[0], seq[0, :, 0])
+
+
+@given(pt=st.sampled_from([1, 2]), frames=st.integers(1, 3), size=st.sampled_from([(2, 4), (4, 4), (4, 6)]),
+       attention=st.sampled_from(["factorised", "full"]))
+@settings(max_examples=8, deadline=None)
+def test_backward_matches_finite_differences(pt, frames, size, attention):
+    model = tiny_video(pt, attention)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 2, frames * pt, *size))
+    t, y = np.array([3, 800]), np.array([1, 3])  # 3 = the null class
+    out, cache = model.forward(x, t, y)
+    assert out.shape == (2, 4, frames * pt, *size)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = model.backward(dout, cache, return_dx=True)
+    assert set(grads) == set(model.params)
+
+    def loss():
+        return np.sum(model.forward(x, t, y)[0] * dout)
+
+    for name, g in list(grads.items()) + [("x", dx)]:
+        arr = x if name == "x" else model.params[name]
+        idx = random_indices(arr.shape, 10, rng)
+        num = numerical_grad(loss, arr, indices=idx)
+        sel = tuple(np.array(i) for i in zip(*idx))
+        assert np.linalg.norm(g[sel]) > 0 or name.endswith("embedding_table.weight"), f"{name}: vacuous check"
+        assert rel_error(g[sel], num[sel], floor=1e-3) < 1e-6, name
+
+
+def test_one_set_of_weights_takes_every_shape_and_frames_interact():
+    model = tiny_video()
+    rng = np.random.default_rng(0)
+    t, y = np.array([10, 500]), np.array([0, 2])
+    for frames, size in ((1, 4), (2, 4), (5, 6), (3, 2)):
+        x = rng.standard_normal((2, 2, frames, size, size))
+        assert model.forward(x, t, y, cache=False)[0].shape == (2, 4, frames, size, size)
+    # temporal attention: changing frame 0 changes frame 1's output (independent frames would not)
+    x = rng.standard_normal((2, 2, 3, 4, 4))
+    x2 = x.copy()
+    x2[:, :, 0] += 1.0
+    a, b = model.forward(x, t, y)[0], model.forward(x2, t, y)[0]
+    assert np.abs(a[:, :, 1] - b[:, :, 1]).max() > 1e-3
+    with pytest.raises(ValueError, match="divisible by 2"):
+        tiny_video(pt=2).forward(rng.standard_normal((2, 2, 3, 4, 4)), t, y)
+    with pytest.raises(ValueError, match=r"\(N, 2, F, H, W\)"):
+        model.forward(rng.standard_normal((2, 2, 4, 4)), t, y)
+
+
+def test_positions_add_a_frame_index_to_the_image_table():
+    pos = video_pos_embed(8, 3, 2, 2)
+    assert pos.shape == (3, 4, 8)
+    # the same spatial table in every frame, shifted by the frame's 1-D code: differences depend on the frame only
+    np.testing.assert_allclose(pos[1] - pos[0], np.broadcast_to((pos[1] - pos[0])[0], (4, 8)))
+    assert not np.allclose(pos[1], pos[0])
+
+
+def test_spec_round_trip_and_macs():
+    model = tiny_video(pt=2)
+    again = build_model(model.spec.to_dict(), dtype=np.float64)
+    assert type(again) is VideoDiT and again.spec == model.spec
+    assert again.params["x_embedder.proj.weight"].shape == (8, 2, 2, 2, 2)
+    full = tiny_video(attention="full", frames=8)
+    factorised = tiny_video(frames=8)
+    # attention pairs: factorised f S^2 + S f^2 against (f S)^2 -> fewer MACs for 8 frames of 4 tokens
+    assert factorised.gmacs(8, 8) < full.gmacs(8, 8)
