@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .captions import MAX_LENGTH, caption_digits, tokenize_all
-from .digits import DIGITS_VERSION, digit_params, render_digits
+from .digits import CLIPS_VERSION, DIGITS_VERSION, MOTIONS, digit_params, render_clips, render_digits
 from .xp import to_numpy
 
 MAX_IMAGE_SIZE = 1024  # pixels: DiT's largest is 512; every image of a folder is held in memory at this size
@@ -40,6 +40,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 _FLIP_STREAM = 2
 _CAPTION_CHOICE_STREAM = 4
 _CAPTION_TEXT_STREAM = 5
+_BUCKET_STREAM = 7
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ class Dataset:
     """
 
     def __init__(self, data, labels, class_names, kind, flip):
-        assert data.ndim == 4 and labels.shape == (data.shape[0],), (data.shape, labels.shape)
+        assert data.ndim in (4, 5) and labels.shape == (data.shape[0],), (data.shape, labels.shape)
         self.data = data
         self.labels = labels.astype(np.int64)
         self.class_names = list(class_names)
@@ -77,7 +78,7 @@ class Dataset:
 
     @property
     def image_size(self):
-        return self.data.shape[2]  # square: H == W (pixel size for images, latent size for latents)
+        return self.data.shape[-1]  # square: H == W (pixel size for images, latent size for latents)
 
     def __repr__(self):
         return (f"{type(self).__name__}(kind={self.kind!r}, n={len(self)}, num_classes={self.num_classes}, "
@@ -118,7 +119,7 @@ class Dataset:
         y = self.labels[idx]  # (B,)
         if self.flip:
             flip = np.random.default_rng([seed, step, _FLIP_STREAM]).random(batch_size) < 0.5  # (B,) bool
-            x[flip] = x[flip, :, :, ::-1]  # mirror along W
+            x[flip] = x[flip, ..., ::-1]  # mirror along W
         if self.kind == "latents":
             return x.astype(np.float32, copy=False), y
         return x.astype(np.float32) / 127.5 - 1.0, y  # ToTensor + Normalize(0.5, 0.5); stays float32
@@ -137,7 +138,11 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
         if not 8 <= image_size <= limit:
             raise ValueError(f"--image-size {image_size} is out of range: {what} at 8 to {limit} pixels")
 
-    if spec in ("digits", "digits-captions"):
+    if spec == "digits-clips":
+        check_size(64, "the built-in clips are rendered")
+        ds = DigitClips(image_size=image_size, cache_dir=cache_dir, seed=seed,
+                        **({} if n_per_class == 1000 else {"n_per_class": n_per_class}))
+    elif spec in ("digits", "digits-captions"):
         check_size(256, "the built-in digits are rendered")
         kind = Digits if spec == "digits" else DigitCaptions
         ds = kind(image_size=image_size, channels=channels, n_per_class=n_per_class, seed=seed, cache_dir=cache_dir)
@@ -234,6 +239,60 @@ class DigitCaptions(Digits):
     def batch_labels(self, step, batch_size, seed=0):
         """The digits of batch `step` (B,), for evaluation."""
         return self.labels[self.batch_indices(step, batch_size, seed)]
+
+
+class DigitClips(Dataset):
+    """The built-in video data: clips of one moving digit (minidit.digits.render_clips), cached as
+    data/clips-v1-16px-16f-500-seed0.npz (uint8 `clips` (N, F, H, W), int64 `labels`, `motion`); data (N, 1, F, H, W).
+
+    Bucketing (Open-Sora's answer to variable duration): every batch has one frame count, drawn per step from
+    `frames` (default: all the clip's frames), each clip a window of that many consecutive frames at a random start,
+    both from default_rng([seed, step, 7]); the batch is (B, 1, F_step, H, W). No padding anywhere."""
+
+    def __init__(self, image_size=16, num_frames=16, n_per_class=500, seed=0, cache_dir=None, frames=None):
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache_dir / f"clips-v{CLIPS_VERSION}-{image_size}px-{num_frames}f-{n_per_class}-seed{seed}.npz"
+        clips = None
+        if path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    clips, labels, motion = f["clips"], f["labels"], f["motion"]
+                if clips.shape != (10 * n_per_class, num_frames, image_size, image_size):
+                    raise ValueError(f"unexpected shape {clips.shape}")
+            except Exception as e:  # a damaged cache is rebuilt, not fatal
+                warnings.warn(f"rebuilding the clips cache {path}: {e}")
+                clips = None
+        if clips is None:
+            clips, labels, motion = render_clips(n_per_class, num_frames, image_size, seed)
+            try:
+                _atomic_write(path, lambda f: np.savez_compressed(f, clips=clips, labels=labels, motion=motion))
+            except OSError as e:
+                warnings.warn(f"could not cache the clips at {path}: {e}")
+        super().__init__(clips[:, None], labels, [str(d) for d in range(10)], kind="clips", flip=False)
+        self.motion, self.motion_names = motion, MOTIONS
+        self.frames = tuple(frames) if frames else (num_frames,)
+        if max(self.frames) > num_frames or min(self.frames) < 1:
+            raise ValueError(f"--frames {' '.join(map(str, self.frames))}: the built-in clips have {num_frames} frames; "
+                             f"train on 1 to {num_frames}")
+        self.cache_path = path
+
+    @property
+    def num_frames(self):
+        return self.data.shape[2]
+
+    def __repr__(self):
+        return (f"DigitClips(n={len(self)}, frames={self.num_frames} (buckets {', '.join(map(str, self.frames))}), "
+                f"image_size={self.image_size})")
+
+    def batch(self, step, batch_size, seed=0):
+        """x float32 (B, 1, F, H, W) in [-1, 1] with F from the buckets, y int64 (B,); a pure function of its
+        arguments."""
+        x, y = super().batch(step, batch_size, seed)  # (B, 1, F_max, H, W)
+        rng = np.random.default_rng([seed, step, _BUCKET_STREAM])
+        f = int(self.frames[rng.integers(len(self.frames))])
+        start = rng.integers(0, self.num_frames - f + 1, size=batch_size)  # (B,)
+        window = start[:, None] + np.arange(f)  # (B, f)
+        return np.ascontiguousarray(x[np.arange(batch_size)[:, None], :, window].transpose(0, 2, 1, 3, 4)), y
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -400,13 +459,10 @@ def to_uint8_nhwc(x):
     return np.clip(127.5 * x + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # truncates like .to(uint8)
 
 
-def save_grid(x, path, nrow=8, padding=2, scale=None):
-    """Write float images (N, C, H, W) in [-1, 1], C = 1 or 3, as one PNG grid: nrow tiles per row, `padding` black
-    pixels between and around tiles (the layout of torchvision's save_image). Written atomically.
-    scale: each pixel becomes scale x scale pixels (nearest); default: enough to show small images at 32 px or more."""
-    imgs = to_uint8_nhwc(x)  # (N, H, W, C)
-    if imgs.shape[-1] not in (1, 3):
-        raise ValueError(f"save_grid needs 1 or 3 channels, got {imgs.shape[-1]}")
+def tile(imgs, nrow=8, padding=2, scale=None):
+    """uint8 images (N, H, W, C) -> one uint8 grid (rows, cols, C): nrow tiles per row, `padding` black pixels between
+    and around tiles (the layout of torchvision's save_image); each pixel scale x scale (default: enough to show
+    small images at 32 px or more)."""
     scale = max(1, 32 // imgs.shape[1]) if scale is None else scale
     imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = imgs.shape
@@ -417,8 +473,40 @@ def save_grid(x, path, nrow=8, padding=2, scale=None):
         r, col = divmod(i, ncol)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
         grid[top:top + h, left:left + w] = imgs[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    return grid
+
+
+def _pil(grid):
+    return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+
+
+def save_grid(x, path, nrow=8, padding=2, scale=None):
+    """Write float images (N, C, H, W) in [-1, 1], C = 1 or 3, as one PNG grid (`tile`). Written atomically."""
+    imgs = to_uint8_nhwc(x)  # (N, H, W, C)
+    if imgs.shape[-1] not in (1, 3):
+        raise ValueError(f"save_grid needs 1 or 3 channels, got {imgs.shape[-1]}")
+    img = _pil(tile(imgs, nrow, padding, scale))
     _atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def clips_to_uint8(x):
+    """Float clips (N, C, F, H, W) in [-1, 1] -> uint8 (N, F, H, W, C), each frame as to_uint8_nhwc."""
+    x = to_numpy(x)
+    if x.ndim != 5:
+        raise ValueError(f"expected clips (N, C, F, H, W), got shape {x.shape}")
+    N, C, F, H, W = x.shape
+    return to_uint8_nhwc(x.transpose(0, 2, 1, 3, 4).reshape(N * F, C, H, W)).reshape(N, F, H, W, C)
+
+
+def save_gif(x, path, nrow=8, padding=2, scale=None, frame_ms=125):
+    """Write float clips (N, C, F, H, W) in [-1, 1] as one animated GIF: frame k is the grid (`tile`) of every
+    clip's frame k; looping, frame_ms per frame. Written atomically."""
+    clips = clips_to_uint8(x)  # (N, F, H, W, C)
+    if clips.shape[-1] not in (1, 3):
+        raise ValueError(f"save_gif needs 1 or 3 channels, got {clips.shape[-1]}")
+    frames = [_pil(tile(clips[:, k], nrow, padding, scale)) for k in range(clips.shape[1])]
+    _atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                 duration=frame_ms, loop=0))
 
 
 def save_npz(path, **arrays):

@@ -145,3 +145,66 @@ def render_digits(n_per_class, image_size=32, seed=0, progress=True):
         glyph, center, ink_height = glyphs[int(labels[i]), int(strokes[i])]
         images[i] = _render_one(glyph, center, ink_height, image_size, params, i)
     return images, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clips: one digit moving in a straight line and bouncing off the borders; some also rotate or grow
+# ----------------------------------------------------------------------------------------------------------------
+CLIPS_VERSION = 1  # part of the clips cache's file name: bump it whenever the clip renderer changes
+_CLIPS_STREAM = 6  # the motion of clip i comes from default_rng([seed, 0, 6])
+CLIP_RANGES = dict(
+    height=(0.40, 0.55),  # ink height at the first frame, as a fraction of the side: room to move
+    speed=(0.08, 0.20),   # per frame, in units of the free margin on each side (1 = from the centre to a border)
+    spin=(2.0, 4.0),      # degrees per frame, for the clips that rotate (either way)
+    growth=(0.015, 0.03),  # relative growth of the height per frame, for the clips that grow
+)
+MOTIONS = ("moving", "rotating", "growing")  # every clip moves; a third of them also rotate, a third grow
+
+
+def bounce(x):
+    """Reflect positions into [-1, 1]: a point moving at constant speed between two walls."""
+    return 1 - np.abs((x + 1) % 4 - 2)
+
+
+def clip_motion(n_per_class, num_frames, seed=0):
+    """The motion of each clip, a pure function of its arguments: dict of float arrays (N, F) height, rotation (deg,
+    added to the digit's own), shift (N, F, 2) in units of the free margin, and motion int64 (N,) indexing MOTIONS."""
+    n = 10 * n_per_class
+    rng = np.random.default_rng([seed, 0, _CLIPS_STREAM])
+    start = rng.uniform(-0.8, 0.8, size=(n, 2))
+    angle = rng.uniform(0, 2 * np.pi, size=n)
+    speed = rng.uniform(*CLIP_RANGES["speed"], size=n)
+    motion = rng.integers(0, len(MOTIONS), size=n)
+    spin = rng.uniform(*CLIP_RANGES["spin"], size=n) * rng.choice([-1.0, 1.0], size=n) * (motion == 1)
+    growth = rng.uniform(*CLIP_RANGES["growth"], size=n) * (motion == 2)
+    height = rng.uniform(*CLIP_RANGES["height"], size=n)
+    k = np.arange(num_frames, dtype=np.float64)  # (F,)
+    velocity = speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)  # (N, 2)
+    shift = bounce(start[:, None, :] + k[None, :, None] * velocity[:, None, :])  # (N, F, 2)
+    return dict(height=height[:, None] * (1 + growth[:, None]) ** k, rotation=spin[:, None] * k, shift=shift,
+                motion=motion.astype(np.int64))
+
+
+def render_clips(n_per_class, num_frames=16, image_size=16, seed=0, progress=True):
+    """n_per_class clips of each digit: uint8 (N, F, H, W), labels int64 (N,) cycling 0..9, and motion (N,) indexing
+    MOTIONS. Each clip's digit has its own shape (the digits' variation, drawn as render_digits draws it) and moves
+    as clip_motion says."""
+    if image_size < 8 or n_per_class < 1 or num_frames < 1:
+        raise ValueError(f"clips need image_size >= 8, n_per_class >= 1 and num_frames >= 1, got {image_size}, "
+                         f"{n_per_class} and {num_frames}")
+    n = 10 * n_per_class
+    params, labels = digit_params(n_per_class, seed + 1)  # other digit shapes than the still digits' of this seed
+    m = clip_motion(n_per_class, num_frames, seed)
+    font_size = digit_font_size(image_size)
+    glyphs = _master_glyphs(font_size)
+    strokes = np.round(params["stroke"] * font_size).astype(int)
+    clips = np.empty((n, num_frames, image_size, image_size), dtype=np.uint8)
+    frame = dict(params)  # the digit's parameters with the motion of one frame swapped in
+    for i in tqdm(range(n), desc="rendering clips", unit="clip", delay=2, disable=not progress):
+        glyph, center, ink_height = glyphs[int(labels[i]), int(strokes[i])]
+        for k in range(num_frames):
+            frame["height"] = m["height"][:, k]
+            frame["rotation"] = params["rotation"] + m["rotation"][:, k]
+            frame["shift"] = m["shift"][:, k]
+            clips[i, k] = _render_one(glyph, center, ink_height, image_size, frame, i)
+    return clips, labels, m["motion"]
