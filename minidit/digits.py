@@ -153,10 +153,10 @@ def render_digits(n_per_class, image_size=32, seed=0, progress=True):
 CLIPS_VERSION = 1  # part of the clips cache's file name: bump it whenever the clip renderer changes
 _CLIPS_STREAM = 6  # the motion of clip i comes from default_rng([seed, 0, 6])
 CLIP_RANGES = dict(
-    height=(0.40, 0.55),  # ink height at the first frame, as a fraction of the side: room to move
-    speed=(0.08, 0.20),   # per frame, in units of the free margin on each side (1 = from the centre to a border)
-    spin=(2.0, 4.0),      # degrees per frame, for the clips that rotate (either way)
-    growth=(0.015, 0.03),  # relative growth of the height per frame, for the clips that grow
+    height=(0.55, 0.68),   # ink height at the first frame, as a fraction of the side (the still digits': 0.55-0.80)
+    speed=(0.12, 0.30),    # per frame, in units of the free margin on each side (1 = from the centre to a border)
+    spin=(1.5, 3.0),       # degrees per frame, for the clips that rotate (either way)
+    growth=(0.008, 0.015),  # relative growth of the height per frame, for the clips that grow
 )
 MOTIONS = ("moving", "rotating", "growing")  # every clip moves; a third of them also rotate, a third grow
 

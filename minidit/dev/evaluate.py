@@ -28,7 +28,11 @@ Limits; read the numbers with these in mind:
     Features trained to separate classes are insensitive to variation the classifier ignores (texture, exact stroke
     width, colour: images are reduced to gray by the channel mean), so a small distance does not prove the samples
     are diverse or sharp, only that their features are distributed like real digits'.
-  * Only 32x32 digit images, 10 classes.
+  * Only 32x32 digit images, 10 classes (other square sizes are resized to 32x32).
+
+Clips (arr_0 uint8 N x F x H x W x C, from a video model): every frame is scored as an image, and the motion of the
+clips (their centre of mass's frame-to-frame jumps, the pixels' change) is set against that of real rendered clips:
+motion like the real clips' means moving digits, much larger means independent frames flickering, zero a still.
 
 The classifier is trained on first use (1 500 AdamW steps: 30-60 s on 2 CPU cores, with a progress bar) and cached next to the
 digits cache as digits-classifier-v{CLASSIFIER_VERSION}-digits-v{DIGITS_VERSION}.npz; afterwards an evaluation
@@ -410,13 +414,72 @@ def format_table(r):
     return "\n".join(lines)
 
 
+def centres_of_mass(clips):
+    """uint8 clips (N, F, H, W, C) -> (N, F, 2) the ink's centre (x, y) in pixels of each frame (channel mean)."""
+    ink = clips.astype(np.float64).mean(axis=-1)  # (N, F, H, W)
+    total = ink.sum(axis=(2, 3)) + 1e-9
+    ys, xs = np.arange(ink.shape[2]), np.arange(ink.shape[3])
+    return np.stack([(ink.sum(axis=2) * xs).sum(axis=2) / total, (ink.sum(axis=3) * ys).sum(axis=2) / total], -1)
+
+
+def motion_stats(clips):
+    """Frame-to-frame motion of clips uint8 (N, F, H, W, C): the centre of mass's jumps in pixels (mean, 95th
+    percentile) and the mean absolute change of the pixels (0..255) between consecutive frames."""
+    jumps = np.linalg.norm(np.diff(centres_of_mass(clips), axis=1), axis=-1)  # (N, F-1)
+    change = np.abs(np.diff(clips.astype(np.float64), axis=1)).mean()
+    return dict(mean_jump=float(jumps.mean()), p95_jump=float(np.percentile(jumps, 95)), pixel_change=float(change))
+
+
+def evaluate_clips(clips, labels, reference=None, classifier=None, heldout=None):
+    """Score generated clips uint8 (N, F, H, W, C) of the digits `labels` (N,): `evaluate` on every frame (accuracy
+    = the fraction of all frames read as the clip's digit), plus the motion of the samples against that of real
+    clips of the same shape (`reference`: uint8 clips; default 200 rendered with seed 1, never trained on). Moving
+    digits show jumps like the real ones; independent frames flicker (far larger jumps and pixel changes); a frozen
+    clip shows none. The classifier reads still digits; its frame accuracy on the real clips (moving, rotated,
+    grown) is reported as reference_accuracy, the ceiling to compare with."""
+    clips, labels = np.asarray(clips), np.asarray(labels)
+    if clips.ndim != 5 or len(clips) == 0 or clips.shape[1] < 2:
+        raise ValueError(f"clips must be uint8 (N, F, H, W, C) with N >= 1 and F >= 2, got shape {clips.shape}")
+    N, F, H, W, C = clips.shape
+    classifier = classifier if classifier is not None else load_classifier()
+    result = evaluate(clips.reshape(N * F, H, W, C), np.repeat(labels, F), classifier=classifier, heldout=heldout)
+    if reference is None:
+        from ..digits import render_clips
+
+        reference = render_clips(20, F, H, seed=1, progress=False)[0][..., None]  # labels cycle 0..9
+    reference = np.asarray(reference)
+    ref_labels = np.tile(np.arange(NUM_CLASSES), len(reference) // NUM_CLASSES + 1)[:len(reference)]
+    rN, rF, rH, rW, rC = reference.shape
+    ref_probs, _ = predict(classifier[0], preprocess(check_samples(
+        reference.reshape(rN * rF, rH, rW, rC), np.repeat(ref_labels, rF))[0]))
+    result["reference_accuracy"] = float((ref_probs.argmax(axis=1) == np.repeat(ref_labels, rF)).mean())
+    result["motion"] = motion_stats(clips)
+    result["reference_motion"] = motion_stats(reference)
+    result["frames"] = int(F)
+    return result
+
+
+def format_clip_table(r):
+    """The result of `evaluate_clips` as Markdown: the frame scores, then the motion against real clips."""
+    m, ref = r["motion"], r["reference_motion"]
+    return "\n".join([format_table(r), "", f"Every frame of {r['n'] // r['frames']} clips of {r['frames']} frames "
+                      f"scored; the same classifier reads {r['reference_accuracy']:.3f} of the frames of real clips.",
+                      "", "| motion | samples | real clips |", "| --- | ---: | ---: |",
+                      f"| mean jump of the centre of mass (px/frame) | {m['mean_jump']:.3f} | {ref['mean_jump']:.3f} |",
+                      f"| 95th percentile jump (px/frame) | {m['p95_jump']:.3f} | {ref['p95_jump']:.3f} |",
+                      f"| mean pixel change per frame (0..255) | {m['pixel_change']:.2f} | {ref['pixel_change']:.2f} |"])
+
+
 SAMPLES_FORMAT = ("expected `arr_0` (uint8 N x 32 x 32 x C) and `labels` (N,), as `python -m minidit.sample --npz` "
                   "writes")
 
 
 def load_samples_npz(path):
-    """Read `arr_0` (uint8 N x H x W x C) and `labels` (N,) from an .npz (`python -m minidit.sample --npz`); checked."""
+    """Read `arr_0` (uint8 N x H x W x C, or clips N x F x H x W x C) and `labels` (N,) from an .npz
+    (`python -m minidit.sample --npz`); images are checked here, clips by evaluate_clips."""
     f = read_npz(path, ("arr_0", "labels"), SAMPLES_FORMAT)
+    if np.ndim(f["arr_0"]) == 5:
+        return np.asarray(f["arr_0"]), np.asarray(f["labels"])
     try:
         return check_samples(f["arr_0"], f["labels"])
     except ValueError as e:
@@ -426,11 +489,15 @@ def load_samples_npz(path):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("samples", help=".npz with arr_0 (uint8 N x 32 x 32 x C) and labels (N,)")
+    ap.add_argument("samples", help=".npz with arr_0 (uint8 N x H x W x C, or clips N x F x H x W x C) and labels (N,)")
     args = ap.parse_args(argv)
     images, labels = run(load_samples_npz, args.samples)
-    result = run(evaluate, images, labels)
-    print(format_table(result))
+    if images.ndim == 5:
+        result = run(evaluate_clips, images, labels)
+        print(format_clip_table(result))
+    else:
+        result = run(evaluate, images, labels)
+        print(format_table(result))
     return result
 
 
