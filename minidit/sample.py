@@ -20,8 +20,9 @@ from .xp import make_rng, to_device, to_numpy
 
 
 def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler=None, eta=0.0, seed=0,
-             guide_channels=None, clip_denoised=False, progress=True, threads=None):
-    """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W).
+             guide_channels=None, clip_denoised=False, progress=True, threads=None, frames=None, size=None):
+    """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W), or for a
+    video model (minidit.video) clips (N, C, F, H, W) of `frames` frames of size x size (default: its spec's).
     For a caption model (minidit.captions.CaptionMMDiT) the labels are token ids (N, L), and guidance's null
     condition is its all-padding caption (model.null_condition).
 
@@ -54,7 +55,13 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     if sampler not in objective.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(objective.SAMPLERS)}")
     process = objective.for_sampling(num_sampling_steps)
-    shape = (len(labels), model.in_channels, model.input_size, model.input_size)
+    side = size or model.input_size
+    shape = (len(labels), model.in_channels, side, side)
+    if hasattr(model, "num_frames"):  # a video model: clips, channels first
+        shape = (len(labels), model.in_channels, frames or model.num_frames, side, side)
+        model.check_shape(*shape[2:])
+    elif frames is not None or size is not None:
+        raise ValueError("--frames and --size are for a video model (--model video)")
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
     y = to_device(labels, xp)
 
@@ -133,9 +140,15 @@ def parse_args(argv=None):
     ap.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
                     help="numpy (CPU), cupy (CUDA), or strict (a CPU emulation of a device, for testing)")
+    ap.add_argument("--frames", type=positive_int, default=None,
+                    help="a video model: frames per clip (default: the frame count it was trained at; others work)")
+    ap.add_argument("--size", type=positive_int, default=None,
+                    help="a video model: frame side in pixels (default: its training size)")
     ap.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: one row per class)")
-    ap.add_argument("--out", default="sample.png", help="PNG grid to write")
-    ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C) and labels to this .npz")
+    ap.add_argument("--out", default=None, help="grid to write: a PNG (default sample.png), or for a video model an "
+                                                "animated GIF (default sample.gif)")
+    ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C; clips: N x F x H x W x C) and "
+                                                "labels to this .npz")
     ap.add_argument("--vae", default=None, help="decode the samples (latents) to pixels with this Stable Diffusion "
                                                 "VAE (its diffusers safetensors file), as the official sample.py")
     return ap.parse_args(argv)
@@ -145,13 +158,17 @@ def sample(args):
     """The command: every output path and size checked before the model runs, then sample, decode, write."""
     from .captions import prompt_digit, tokenize_all
     from .checkpoint import load  # imported here: the CLI needs it, the library function does not
-    from .data import save_grid, save_npz, to_uint8_nhwc
+    from .data import clips_to_uint8, save_gif, save_grid, save_npz, to_uint8_nhwc
 
-    output_file(args.out, (".png",), "--out")
     output_file(args.npz, (".npz",), "--npz")
     if args.vae is not None and not os.path.isfile(args.vae):
         raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
     model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
+    video = hasattr(model, "num_frames")
+    args.out = args.out or ("sample.gif" if video else "sample.png")
+    output_file(args.out, (".gif",) if video else (".png",), "--out")
+    if video and args.vae:
+        raise ValueError("--vae decodes image latents; this is a video model on pixels")
     if args.shift is not None:
         if not isinstance(objective, RectifiedFlow):
             raise ValueError("--shift is for rectified-flow models; this checkpoint was trained with DDPM")
@@ -174,22 +191,24 @@ def sample(args):
         labels = args.class_labels
         if labels is None:
             labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
-    side = model.input_size * (8 if args.vae else 1)
-    need = len(labels) * max(model.in_channels, 3 if args.vae else 0) * side * side * 4
+    side = (args.size or model.input_size) * (8 if args.vae else 1)
+    need = len(labels) * max(model.in_channels, 3 if args.vae else 0) * side * side * 4 * (
+        (args.frames or model.num_frames) if video else 1)
     if need > MAX_SAMPLE_BYTES:
         raise ValueError(f"{len(labels)} images of {side} x {side} need {need / 2**30:.1f} GiB in one call; sample "
                          f"fewer at a time (--class-labels or --per-class) with different --seed values")
     images = generate(model, tokens if captioned else labels, objective=objective, cfg_scale=args.cfg_scale,
                       num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                      guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads)
+                      guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads,
+                      frames=args.frames, size=args.size)
     if vae is not None:
         images = decode_latents(images, vae)
     nrow = args.nrow or (args.per_class if args.class_labels is None and (args.prompt is None or args.per_class > 1)
                          else min(len(labels), 8))
-    save_grid(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(labels)} images)")
+    (save_gif if video else save_grid)(images, args.out, nrow=nrow)
+    print(f"wrote {args.out} ({len(labels)} {'clips' if video else 'images'})")
     if args.npz:
-        save_npz(args.npz, arr_0=to_uint8_nhwc(images), labels=np.asarray(digits if captioned else labels,
+        save_npz(args.npz, arr_0=(clips_to_uint8 if video else to_uint8_nhwc)(images), labels=np.asarray(digits if captioned else labels,
                                                                            dtype=np.int64))
         print(f"wrote {args.npz}")
 
