@@ -125,10 +125,12 @@ class Dataset:
         return x.astype(np.float32) / 127.5 - 1.0, y  # ToTensor + Normalize(0.5, 0.5); stays float32
 
 
-def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_class=1000, cache_dir=None, flip=None):
+def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_class=1000, cache_dir=None, flip=None,
+                 frames=None):
     """One entry point for all three kinds of dataset.
 
-    spec: "digits" (the built-in rendered digits) | "digits-captions" (the same, y = caption token ids) | a folder
+    spec: "digits" (the built-in rendered digits) | "digits-captions" (the same, y = caption token ids) |
+    "digits-clips" (clips of a moving digit, x (B, C, F, H, W); `frames`: the frame-count buckets) | a folder
     with one sub-folder per class | a .npz of latents.
     image_size: output size for digits and folders; latents keep the spatial size they were encoded at.
     seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
@@ -138,9 +140,11 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
         if not 8 <= image_size <= limit:
             raise ValueError(f"--image-size {image_size} is out of range: {what} at 8 to {limit} pixels")
 
+    if frames is not None and spec != "digits-clips":
+        raise ValueError("--frames chooses the clips' frame counts: it is for --data digits-clips")
     if spec == "digits-clips":
         check_size(64, "the built-in clips are rendered")
-        ds = DigitClips(image_size=image_size, cache_dir=cache_dir, seed=seed,
+        ds = DigitClips(image_size=image_size, cache_dir=cache_dir, seed=seed, frames=frames,
                         **({} if n_per_class == 1000 else {"n_per_class": n_per_class}))
     elif spec in ("digits", "digits-captions"):
         check_size(256, "the built-in digits are rendered")

@@ -45,9 +45,10 @@ from .captions import CaptionMMDiTSpec, tokenize_all
 from .checkpoint import CKPT_NAME, build_model, checkpoint_file, load_model, read, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
-from .data import load_dataset, save_grid
+from .data import load_dataset, save_gif, save_grid
 from .diffusion import Diffusion
 from .dynamic import DYNAMIC, DynamicDiTSpec
+from .video import ATTENTION, VideoDiTSpec
 from .flow import TIME_SAMPLING, RectifiedFlow
 from .model import BLOCK_TYPES, DiTSpec, get_config
 from .optim import EMA, AdamW
@@ -69,6 +70,13 @@ def parse_args(argv=None):
                     help="dit: DiT, class labels; mmdit: SD3's MM-DiT reading text prompts through minidit's tiny "
                          "text encoder (--data digits-captions), sized from --variant (depth, heads of hidden/heads, "
                          "patch)")
+    ap.add_argument("--frames", type=positive_int, nargs="+", default=None,
+                    help="--data digits-clips: the frame counts to train on, one per batch (bucketing; default: the "
+                         "clips' 16)")
+    ap.add_argument("--temporal-patch", type=positive_int, default=1,
+                    help="--model video: frames per token (pt of the 3-D patches)")
+    ap.add_argument("--attention", choices=ATTENTION, default="factorised",
+                    help="--model video: factorised (spatial and temporal blocks in turn, Latte) or full 3-D attention")
     ap.add_argument("--text-dim", type=positive_int, default=64,
                     help="mmdit: the width E of the learned token embeddings")
     ap.add_argument("--data", default="digits",
@@ -146,7 +154,7 @@ PARENT_OPTIONS = ("variant", "model", "text_dim", "data", "image_size", "channel
                   "objective", "time_sampling", "learn_sigma", "seed")
 
 OBJECTIVES = ("ddpm", "flow")
-MODELS = ("dit", "mmdit")
+MODELS = ("dit", "mmdit", "video")
 CAPTIONED = ("digits-captions",)  # the datasets whose y is caption token ids
 
 
@@ -166,6 +174,14 @@ def make_objective(args):
 def model_spec(args, data):
     """The spec (checkpoint.build_model's input) of the model the options describe, sized to the data.
     --model mmdit: a CaptionMMDiT with the variant's depth, heads (of hidden / heads each) and patch."""
+    if (args.model == "video") != (data.kind == "clips"):
+        raise ValueError("--model video makes clips: train it on --data digits-clips" if args.model == "video"
+                         else f"--data {args.data} holds clips: train them with --model video")
+    if args.model == "video":
+        if args.dynamic:
+            raise ValueError("--dynamic makes a DiT dynamic, not a video DiT: use --model dit")
+        return VideoDiTSpec(args.variant, max(data.frames), data.image_size, data.channels, data.num_classes,
+                            args.learn_sigma, args.class_dropout_prob, args.temporal_patch, args.attention).to_dict()
     if (args.model == "mmdit") != (data.kind in CAPTIONED):
         raise ValueError("--model mmdit reads captions: train it on --data digits-captions" if args.model == "mmdit"
                          else f"--data {args.data} has captions, not class labels: train it with --model mmdit")
@@ -199,8 +215,9 @@ class Run:
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
         if args.image_size is None:  # resolved once and saved, like the learning rate below
-            args.image_size = 16 if args.data in ("digits", *CAPTIONED) else 32
-        self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels)
+            args.image_size = 16 if args.data in ("digits", "digits-clips", *CAPTIONED) else 32
+        self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels,
+                                 frames=args.frames)
         self.objective = make_objective(args)
         self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
         if args.finetune and not args.resume:  # the parent's EMA weights (a resumed fine-tune has its own)
@@ -275,6 +292,9 @@ def resolve_resume(args, explicit):
     saved.setdefault("time_sampling", "logit-normal")
     saved.setdefault("model", "dit")  # written before --model existed
     saved.setdefault("text_dim", 64)
+    saved.setdefault("frames", None)  # written before --model video existed
+    saved.setdefault("temporal_patch", 1)
+    saved.setdefault("attention", "factorised")
     saved.setdefault("finetune", None)  # written before --finetune and --dynamic existed
     saved.setdefault("dynamic", None)
     saved.setdefault("target_ratio", 0.5)
@@ -375,7 +395,10 @@ def write_grid(run, path, progress=False):
     images = generate(model, labels, objective=run.objective, cfg_scale=run.args.cfg_scale,
                       num_sampling_steps=run.args.sample_steps, seed=run.args.seed,
                       clip_denoised=run.data.kind != "latents", progress=progress, threads=run.threads)
-    save_grid(images, path, nrow=per_class)
+    if run.data.kind == "clips":
+        save_gif(images, path[:-len(".png")] + ".gif", nrow=per_class)
+    else:
+        save_grid(images, path, nrow=per_class)
 
 
 def train(args, explicit=frozenset()):
@@ -487,6 +510,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
     if args.final_samples:
         grid = os.path.join(args.out, "samples.png")
         write_grid(run, grid, progress=True)
+        grid = grid[:-len(".png")] + ".gif" if run.data.kind == "clips" else grid
         log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} {run.objective.SAMPLERS[0]} steps): {grid}")
     return run
 
