@@ -134,7 +134,7 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
     with one sub-folder per class | a .npz of latents.
     image_size: output size for digits and folders; latents keep the spatial size they were encoded at.
     seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
-    channels, n_per_class, cache_dir: digits only. flip: override the kind's default (see Dataset).
+    channels, n_per_class, cache_dir: digits only (the clips: CLIPS_PER_CLASS). flip: override the kind's default.
     """
     def check_size(limit, what):  # latents keep their own size
         if not 8 <= image_size <= limit:
@@ -144,8 +144,7 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
         raise ValueError("--frames chooses the clips' frame counts: it is for --data digits-clips")
     if spec == "digits-clips":
         check_size(64, "the built-in clips are rendered")
-        ds = DigitClips(image_size=image_size, cache_dir=cache_dir, seed=seed, frames=frames,
-                        **({} if n_per_class == 1000 else {"n_per_class": n_per_class}))
+        ds = DigitClips(image_size=image_size, cache_dir=cache_dir, seed=seed, frames=frames)
     elif spec in ("digits", "digits-captions"):
         check_size(256, "the built-in digits are rendered")
         kind = Digits if spec == "digits" else DigitCaptions
@@ -245,6 +244,9 @@ class DigitCaptions(Digits):
         return self.labels[self.batch_indices(step, batch_size, seed)]
 
 
+CLIPS_PER_CLASS = 500  # the built-in video data: 5 000 clips (about a minute to render once, then cached)
+
+
 class DigitClips(Dataset):
     """The built-in video data: clips of one moving digit (minidit.digits.render_clips), cached as
     data/clips-v1-16px-16f-500-seed0.npz (uint8 `clips` (N, F, H, W), int64 `labels`, `motion`); data (N, 1, F, H, W).
@@ -253,7 +255,8 @@ class DigitClips(Dataset):
     `frames` (default: all the clip's frames), each clip a window of that many consecutive frames at a random start,
     both from default_rng([seed, step, 7]); the batch is (B, 1, F_step, H, W). No padding anywhere."""
 
-    def __init__(self, image_size=16, num_frames=16, n_per_class=500, seed=0, cache_dir=None, frames=None):
+    def __init__(self, image_size=16, num_frames=16, n_per_class=None, seed=0, cache_dir=None, frames=None):
+        n_per_class = n_per_class or CLIPS_PER_CLASS
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache_dir / f"clips-v{CLIPS_VERSION}-{image_size}px-{num_frames}f-{n_per_class}-seed{seed}.npz"
         clips = None

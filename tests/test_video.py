@@ -110,3 +110,78 @@ def test_spec_round_trip_and_macs():
     factorised = tiny_video(frames=8)
     # attention pairs: factorised f S^2 + S f^2 against (f S)^2 -> fewer MACs for 8 frames of 4 tokens
     assert factorised.gmacs(8, 8) < full.gmacs(8, 8)
+
+
+# ---------------------------------------------------------------- the built-in clips, training, sampling, scoring
+def test_clips_move_bounce_and_are_bucketed(tmp_path):
+    from minidit.data import DigitClips
+    from minidit.digits import MOTIONS, clip_motion
+
+    m = clip_motion(5, 40, seed=3)
+    assert m["shift"].shape == (50, 40, 2) and np.abs(m["shift"]).max() <= 1  # bounced back inside
+    assert np.all(m["rotation"][m["motion"] != MOTIONS.index("rotating")] == 0)
+    assert np.all(m["height"][m["motion"] != MOTIONS.index("growing")] == m["height"][m["motion"] != 2][:, :1])
+    ds = DigitClips(n_per_class=2, cache_dir=tmp_path, frames=(4, 6))
+    assert ds.data.shape == (20, 1, 16, 16, 16) and ds.data.dtype == np.uint8
+    shapes = set()
+    for step in range(12):
+        x, y = ds.batch(step, 4, seed=1)
+        assert x.dtype == np.float32 and x.shape[:2] == (4, 1) and x.shape[3:] == (16, 16)
+        shapes.add(x.shape[2])
+        # each clip of the batch is a window of consecutive frames of one stored clip
+        idx = ds.batch_indices(step, 4, seed=1)
+        full = ds.data[idx].astype(np.float32) / 127.5 - 1
+        for b in range(4):
+            starts = [s for s in range(16 - x.shape[2] + 1) if np.array_equal(full[b, :, s:s + x.shape[2]], x[b])]
+            assert starts, "not a window of its clip"
+        np.testing.assert_array_equal(ds.batch(step, 4, seed=1)[0], x)  # a pure function of (step, seed)
+    assert shapes == {4, 6}
+    with pytest.raises(ValueError, match="16 frames"):
+        DigitClips(n_per_class=2, cache_dir=tmp_path, frames=(20,))
+
+
+def test_evaluate_clips_tells_motion_from_flicker_and_stills():
+    from minidit.dev.evaluate import evaluate_clips, format_clip_table
+    from minidit.digits import render_clips
+
+    clips, labels, _ = render_clips(2, 6, 16, seed=4, progress=False)
+    clips = clips[..., None]
+    real = evaluate_clips(clips, labels)
+    assert real["n"] == 120 and real["frames"] == 6 and 0 <= real["accuracy"] <= 1
+    shuffled = clips[np.random.default_rng(0).integers(0, 20, size=(20, 6)), np.arange(6)]  # frames of other clips
+    still = np.repeat(clips[:, :1], 6, axis=1)
+    assert evaluate_clips(shuffled, labels)["motion"]["mean_jump"] > 3 * real["motion"]["mean_jump"]
+    assert evaluate_clips(still, labels)["motion"]["mean_jump"] == 0
+    assert 0.5 < real["motion"]["mean_jump"] / real["reference_motion"]["mean_jump"] < 2
+    assert "real clips" in format_clip_table(real)
+
+
+def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from minidit import train as train_mod
+    from minidit.checkpoint import load_model
+    from minidit.dev.evaluate import main as evaluate_main
+    from minidit.sample import main as sample_main
+
+    monkeypatch.setattr("minidit.data.CLIPS_PER_CLASS", 1)  # 10 clips: enough to run, quick to render
+    run = str(tmp_path / "video")
+    train_mod.main(["--model", "video", "--data", "digits-clips", "--variant", "mini/8", "--frames", "4", "6",
+                    "--batch-size", "2", "--steps", "3", "--log-every", "1", "--sample-steps", "2", "--out", run])
+    model = load_model(run)
+    assert isinstance(model, VideoDiT) and model.num_frames == 6 and model.spec.attention == "factorised"
+    assert Image.open(os.path.join(run, "samples.gif")).n_frames == 6
+    gif, npz = str(tmp_path / "c.gif"), str(tmp_path / "c.npz")
+    sample_main(["--ckpt", run, "--class-labels", "3", "7", "--frames", "8", "--num-sampling-steps", "2",
+                 "--out", gif, "--npz", npz])
+    z = np.load(npz)
+    assert z["arr_0"].shape == (2, 8, 16, 16, 1) and z["arr_0"].dtype == np.uint8 and z["labels"].tolist() == [3, 7]
+    assert Image.open(gif).n_frames == 8  # a frame count it was not trained on
+    evaluate_main([npz])
+    train_mod.main(["--resume", run, "--steps", "4"])
+    with pytest.raises(SystemExit, match="digits-clips"):
+        train_mod.main(["--model", "video", "--steps", "1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--out"):
+        sample_main(["--ckpt", run, "--out", str(tmp_path / "c.png")])
