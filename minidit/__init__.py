@@ -24,6 +24,7 @@ The mainline, in reading order (each module imports only the ones before it):
     checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader
     sample        python -m minidit.sample
+    distributed   training on N processes (mpiexec): each rank a shard of the batch, gradients summed by MPI or NCCL
     train         python -m minidit.train
     encode        python -m minidit.encode: an image folder -> the VAE latents DiT trains on
     convert       python -m minidit.convert: official DiT .pt checkpoints -> minidit's format

@@ -22,6 +22,10 @@ learned text encoder (minidit.captions.CaptionMMDiT), y being token ids and labe
 
 Everything random in step k is drawn from generators seeded by (seed, k), and the batch of step k is a
 pure function of (seed, k): so a resumed run reproduces the uninterrupted run's losses exactly.
+
+`mpiexec -n N python -m minidit.train ...` trains on N data-parallel ranks (minidit.distributed): every rank draws
+the same global batch of --batch-size and runs its own shard of it, the gradients are summed over the ranks, and the
+result is one process's with that batch, up to the order of float additions. Rank 0 alone writes into --out.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_i
                   sampling_steps, unit_interval)
 from .data import load_dataset, save_gif, save_grid
 from .diffusion import Diffusion
+from .distributed import MODES as DISTRIBUTED_MODES, World, abort_on_error, init as init_distributed
 from .dynamic import DYNAMIC, DynamicDiTSpec
 from .video import ATTENTION, VideoDiTSpec
 from .flow import TIME_SAMPLING, RectifiedFlow
@@ -113,7 +118,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="numpy backend: CPU threads, each running one shard of the batch (minidit.threads); default: "
-                         "every core. Results are reproducible for a given count (it changes float summation order)")
+                         "every core (under mpiexec: per rank, the cores of this machine shared out among its ranks). "
+                         "Results are reproducible for a given count (it changes float summation order)")
+    ap.add_argument("--distributed", choices=DISTRIBUTED_MODES, default="auto",
+                    help="data-parallel ranks over MPI (docs/distributed.md; needs pip install -e \".[mpi]\"): "
+                         "auto when started by mpiexec (or mpirun), mpi always, off: one process even under mpiexec")
     ap.add_argument("--out", default="runs/default", help="run directory: checkpoint, log, metrics, samples")
     ap.add_argument("--log-every", type=positive_int, default=100)
     ap.add_argument("--ckpt-every", type=positive_int, default=500)
@@ -146,7 +155,7 @@ def parse_args(argv=None):
 
 # options that may change when a run is resumed; every other option is taken from the checkpoint
 RESUME_OVERRIDES = ("steps", "epochs", "out", "log_every", "ckpt_every", "sample_every", "sample_steps", "cfg_scale",
-                    "backend", "final_samples", "threads")
+                    "backend", "final_samples", "threads", "distributed")
 
 
 # what a fine-tune takes from its parent: the model, its data and its objective
@@ -207,11 +216,13 @@ def model_spec(args, data):
 
 
 class Run:
-    """Everything a training run owns: data, model, objective, optimizer, EMA; `save` / `load` are the checkpoint
-    round trip (minidit.checkpoint)."""
+    """Everything a training run owns: data, model, objective, optimizer, EMA, and the world of ranks it trains in
+    (minidit.distributed; one process by default); `save` / `load` are the checkpoint round trip
+    (minidit.checkpoint)."""
 
-    def __init__(self, args):
+    def __init__(self, args, world=None):
         self.args = args
+        self.world = world or World()
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
         if args.image_size is None:  # resolved once and saved, like the learning rate below
@@ -228,8 +239,8 @@ class Run:
                 self.model.load_state_dict(parent)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
-        # NumPy: the batch in shards, one thread each (minidit.threads); the optimizer uses the same threads
-        self.net, self.threads = data_parallel(self.model, args.threads)
+        # NumPy: this rank's shard in shards, one thread each (minidit.threads); the optimizer uses the same threads
+        self.net, self.threads = data_parallel(self.model, args.threads or self.world.cores())
         self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
         self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
         self.step = 0
@@ -239,6 +250,7 @@ class Run:
         else:
             self.total_steps = args.steps
             self.data.steps_per_epoch(args.batch_size)  # fails early if the batch is larger than the data
+        self.shard = self.world.shard(args.batch_size)  # this rank's samples of every batch (one process: all)
 
     def target_ratio(self, step):
         """--dynamic: lambda at `step`, from 1 down to --target-ratio over the --target-warmup steps of this run."""
@@ -246,19 +258,30 @@ class Run:
         return 1.0 - (1.0 - a.target_ratio) * min(1.0, (step + 1) / a.target_warmup if a.target_warmup else 1.0)
 
     def train_step(self, step):
-        """One step; returns the mean loss as a 0-d array on the backend (not synchronised)."""
+        """One step; returns the mean loss of the (global) batch as a 0-d array on the backend (not synchronised).
+
+        Every rank draws the whole batch and runs its shard s of it (minidit.distributed): the shard's mean loss and
+        its gradient, scaled by its share |s| / B, summed over the ranks, are the batch's (one process: share 1)."""
         xp, B = self.xp, self.args.batch_size
         x0, y = self.data.batch(step, B, self.args.seed)
         rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
         t = self.objective.sample_t(B, rng)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
-        x0, y, t, noise = (to_device(a, xp) for a in (x0, y, t, noise))
+        drop = self.model.label_dropout(B, rng)  # (B,) or None, drawn for the whole batch as ShardedDiT draws it
+        s = self.shard
+        x0, y, noise = (to_device(a[s], xp) for a in (x0, y, noise))
+        t_all = to_device(t, xp)  # the batch's timesteps: DyDiT's FLOPs target below reads them all
+        t = t_all[s]
         x_t = self.objective.q_sample(x0, t, noise)
-        out, cache = self.net.forward(x_t, self.objective.model_time(t), y, train=True, rng=rng)
+        out, cache = self.net.forward(x_t, self.objective.model_time(t), y, train=True,
+                                      force_drop_ids=None if drop is None else drop[s], rng=rng)
         loss, _, dout = self.objective.training_loss(out, x0, t, noise)
-        grads = self.net.backward(dout, cache, release=True)  # release: activations freed as the gradients fill
-        if self.args.dynamic:  # DyDiT's FLOPs target, a function of the timesteps alone (minidit.dynamic)
-            _, ratio, flops_grads = self.model.flops_loss(self.objective.model_time(t), self.target_ratio(step))
+        share = (s.stop - s.start) / B
+        grads = self.net.backward(dout * share, cache, release=True)  # release: activations freed as grads fill
+        grads = self.world.sum({**grads, "loss": loss * share})  # the batch's gradients and loss, on every rank
+        loss = grads.pop("loss")
+        if self.args.dynamic:  # DyDiT's FLOPs target, a function of the batch's timesteps alone (minidit.dynamic)
+            _, ratio, flops_grads = self.model.flops_loss(self.objective.model_time(t_all), self.target_ratio(step))
             for name, g in flops_grads.items():
                 grads[name] += g
             self.ratios.append(ratio)
@@ -268,6 +291,9 @@ class Run:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path):
+        """Write the checkpoint (rank 0 alone: every rank holds the same state)."""
+        if not self.world.is_root:
+            return
         save_training(path, model=self.model, objective=self.objective, opt=self.opt, ema=self.ema, step=self.step,
                       args=vars(self.args), class_names=self.data.class_names)
 
@@ -299,6 +325,7 @@ def resolve_resume(args, explicit):
     saved.setdefault("dynamic", None)
     saved.setdefault("target_ratio", 0.5)
     saved.setdefault("target_warmup", 200)
+    saved.setdefault("distributed", "auto")  # written before --distributed existed
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -385,7 +412,9 @@ def keep_metrics_up_to(path, step):
 
 
 def write_grid(run, path, progress=False):
-    """An EMA sample grid, one row per class (a caption model: per digit d, the prompt "a d")."""
+    """An EMA sample grid, one row per class (a caption model: per digit d, the prompt "a d"); rank 0 draws it."""
+    if not run.world.is_root:
+        return
     model = run.model.using(run.ema.params)  # the EMA weights
     n = run.data.num_classes
     per_class = max(1, min(10, 100 // n))
@@ -402,15 +431,18 @@ def write_grid(run, path, progress=False):
 
 
 def train(args, explicit=frozenset()):
-    """Run (or continue) training as `args` says; `explicit` = the option names the user gave."""
+    """Run (or continue) training as `args` says; `explicit` = the option names the user gave. Under mpiexec every
+    rank runs it (minidit.distributed), and rank 0 alone claims the run folder and writes into it."""
     resume_path = None
     if args.resume:
         args, resume_path = resolve_resume(args, set(explicit))
     elif args.finetune:
         args = resolve_finetune(args, set(explicit))
-    lock = claim_run_folder(args.out, resume_path)  # held until this function returns, however it ends
+    world = init_distributed(args.distributed, args.backend)
+    # rank 0 claims the run folder and holds its lock until this function returns, however it ends
+    lock = claim_run_folder(args.out, resume_path) if world.is_root else None
     try:
-        run = Run(args)
+        run = Run(args, world)
         if resume_path:
             run.load(resume_path)
             if run.step >= run.total_steps:
@@ -418,37 +450,46 @@ def train(args, explicit=frozenset()):
                                  f"{run.step} to train on")
         ckpt_path = os.path.join(args.out, CKPT_NAME)
         mode = "a" if resume_path else "w"  # a new run starts new logs; a resumed one continues them
-        if resume_path:
+        if resume_path and world.is_root:
             keep_metrics_up_to(os.path.join(args.out, "metrics.jsonl"), run.step)
-        with open(os.path.join(args.out, "log.txt"), mode) as log_file, \
-                open(os.path.join(args.out, "metrics.jsonl"), mode) as metrics:
+        # the other ranks run the same loop, their log and metrics going to os.devnull
+        log_path, metrics_path = ((os.path.join(args.out, name) if world.is_root else os.devnull)
+                                  for name in ("log.txt", "metrics.jsonl"))
+        with open(log_path, mode) as log_file, open(metrics_path, mode) as metrics:
             return _loop(run, args, resume_path, ckpt_path, log_file, metrics)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
     """The training loop of `train`: log, steps, checkpoints, interrupts, the final grid."""
+    world = run.world
+
     def log(msg):
-        tqdm.write(msg)
+        if world.is_root:
+            tqdm.write(msg)
         log_file.write(msg + "\n")
         log_file.flush()
 
     m = run.model
+    parallel = [f"{world.size} ranks"] if world.size > 1 else []
+    if run.xp is np:
+        parallel.append(f"{run.threads} thread{'s' if run.threads > 1 else ''}" + (" each" if parallel else ""))
     log(f"{type(m).__name__} {m.variant}: {m.num_params():,} parameters "
         f"({m.num_params(trainable_only=True):,} trainable), {m.gmacs():.3f} GMACs/image; data {run.data}; "
-        f"backend {args.backend}"
-        + (f" ({run.threads} threads)" if run.xp is np else ""))
+        f"backend {args.backend}" + (f" ({', '.join(parallel)})" if parallel else ""))
     if resume_path:
         log(f"resumed from {resume_path} at step {run.step}")
 
     stop = {"requested": False}
 
-    def on_sigint(signum, frame):  # finish the current step, then checkpoint and exit
+    def on_sigint(signum, frame):  # finish the current step, then checkpoint and exit (every rank: see the loop)
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        if world.is_root:
+            tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     xp = run.xp
@@ -464,10 +505,13 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 f"checkpoint is {ckpt_path} (if one was written before that step); try a lower --lr")
         return losses
 
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not world.is_root)
     saved_step = run.step if resume_path else None  # the step the checkpoint on disk holds
     try:
-        while run.step < run.total_steps and not stop["requested"]:
+        # the decision to stop is collective (Ctrl-C may reach some ranks only, or at another moment): every rank
+        # stops before the same step, and rank 0 writes its checkpoint
+        while run.step < run.total_steps and not world.any(stop["requested"]):
             window_losses.append(run.train_step(run.step))
             run.step += 1
             bar.update(1)
@@ -496,14 +540,15 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 saved_step = run.step
             if args.sample_every and run.step % args.sample_every == 0 and not end:
                 write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}.png"))
-        if stop["requested"] and saved_step != run.step:  # Ctrl-C before the first step, or during a sample grid
+        stopped = world.any(stop["requested"])
+        if stopped and saved_step != run.step:  # Ctrl-C before the first step, or during a sample grid
             if window_losses:
                 read_window()
             run.save(ckpt_path)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old_handler)
-    if stop["requested"]:
+    if stopped:
         log(f"interrupted at step {run.step}; checkpoint written to {ckpt_path}; continue with --resume {args.out}")
         return run
     log(f"done: {run.step} steps; checkpoint {ckpt_path}")
@@ -517,13 +562,14 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    try:
-        run_command(train, args, explicit)  # a user error ends in one line `error: ...`
-    except Exception as e:
-        if is_out_of_memory(e):
-            sys.exit(f"error: out of memory at batch size {args.batch_size} ({type(e).__name__}: {e}); "
-                     "try a smaller --batch-size")
-        raise
+    with abort_on_error():  # under mpiexec, a rank that fails ends every rank, with its error
+        try:
+            run_command(train, args, explicit)  # a user error ends in one line `error: ...`
+        except Exception as e:
+            if is_out_of_memory(e):
+                sys.exit(f"error: out of memory at batch size {args.batch_size} ({type(e).__name__}: {e}); "
+                         "try a smaller --batch-size")
+            raise
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ PKG = Path(__file__).resolve().parent.parent / "minidit"
 
 # The mainline in reading order, as minidit/__init__.py's docstring lists it.
 ORDER = ("xp", "layers", "params", "threads", "optim", "cuda_kernels", "backend", "model", "conditioning", "mmdit",
-         "dynamic", "video", "diffusion", "flow", "gradcheck", "cli", "digits", "captions", "data", "checkpoint", "vae", "sample", "train",
-         "encode", "convert")
+         "dynamic", "video", "diffusion", "flow", "gradcheck", "cli", "digits", "captions", "data", "checkpoint", "vae", "sample",
+         "distributed", "train", "encode", "convert")
 ALLOWED_DEV = {("backend", "dev.strict")}  # get_backend("strict"): the test backend chosen by name
 
 
