@@ -160,13 +160,16 @@ def sample(args):
     from .checkpoint import load  # imported here: the CLI needs it, the library function does not
     from .data import clips_to_uint8, save_gif, save_grid, save_npz, to_uint8_nhwc
 
+    output_file(args.out, (".png", ".gif"), "--out")  # which of the two: known once the model is
     output_file(args.npz, (".npz",), "--npz")
     if args.vae is not None and not os.path.isfile(args.vae):
         raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
     model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
     video = hasattr(model, "num_frames")
     args.out = args.out or ("sample.gif" if video else "sample.png")
-    output_file(args.out, (".gif",) if video else (".png",), "--out")
+    if args.out.lower().endswith(".gif") != video:
+        raise ValueError(f"--out {args.out!r}: " + ("a video model writes an animated .gif" if video else
+                                                     "an image model writes a .png grid (a .gif is for clips)"))
     if video and args.vae:
         raise ValueError("--vae decodes image latents; this is a video model on pixels")
     if args.shift is not None:

@@ -208,8 +208,8 @@ def test_a_mistake_costs_no_work(files, monkeypatch):
     import minidit.checkpoint as ckpt
 
     monkeypatch.setattr(ckpt, "load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
-    with pytest.raises(SystemExit, match="must end in .png"):
-        sample_main(["--ckpt", files["run"], "--out", os.path.join(files["dir"], "x.gif")])
+    with pytest.raises(SystemExit, match="must end in .png or .gif"):
+        sample_main(["--ckpt", files["run"], "--out", os.path.join(files["dir"], "x.jpg")])
 
 
 def test_damaged_zip_entry_is_named(files, tmp_path):

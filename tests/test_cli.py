@@ -95,6 +95,8 @@ def test_sample_cli(tmp_path):
         sample_main(["--ckpt", run, "--class-labels", "12", "--out", grid])
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample_main(["--ckpt", str(tmp_path / "missing.npz"), "--out", grid])
+    with pytest.raises(SystemExit, match="a .gif is for clips"):
+        sample_main(["--ckpt", run, "--out", str(tmp_path / "g.gif")])
 
 
 @pytest.mark.parametrize("block", ["in-context", "cross-attention"])
