@@ -78,3 +78,17 @@ def check_backward(forward, backward, inputs, names=None, dout=None, rng=None, h
             g, num = g[sel], num[sel]
         errors[name] = rel_error(g, num, floor=1e-3)
     return errors
+
+
+def sampled_errors(loss, grads, arrays, k, rng, floor=1e-3):
+    """A model's whole backward against central differences, k sampled entries per tensor: for every name of
+    `grads` (name -> the hand-written gradient of the scalar loss() w.r.t. arrays[name], which loss must read),
+    returns name -> (relative error of the sampled entries (rel_error with `floor`), their norm). A norm of 0 means
+    the check of that tensor says nothing (e.g. at DiT's init, where adaLN-Zero zeroes most gradients)."""
+    out = {}
+    for name, g in grads.items():
+        idx = random_indices(g.shape, k, rng)
+        num = numerical_grad(loss, arrays[name], indices=idx)
+        sel = tuple(np.array(i) for i in zip(*idx))
+        out[name] = (rel_error(g[sel], num[sel], floor=floor), float(np.linalg.norm(g[sel])))
+    return out
