@@ -181,3 +181,26 @@ def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
         train_mod.main(["--model", "video", "--steps", "1", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--out"):
         sample_main(["--ckpt", run, "--out", str(tmp_path / "c.png")])
+
+
+def test_strict_backend_runs_the_video_model_like_numpy():
+    """The device code path (minidit.dev.strict refuses host arrays in device math, as CuPy does)."""
+    from minidit.backend import get_backend
+    from minidit.xp import to_device, to_numpy
+
+    ref = VideoDiT(TINY, num_frames=4, input_size=4, in_channels=2, num_classes=3, seed=1)
+    dev = VideoDiT(TINY, num_frames=4, input_size=4, in_channels=2, num_classes=3, seed=1, backend="strict")
+    rng = np.random.default_rng(0)
+    state = {k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.params.items()}
+    ref.load_state_dict(state)
+    dev.load_state_dict(state)
+    xp = get_backend("strict")
+    x = rng.standard_normal((2, 2, 4, 4, 4)).astype(np.float32)
+    t, y = np.array([3, 700]), np.array([0, 3])
+    out, cache = dev.forward(*(to_device(a, xp) for a in (x, t, y)))
+    ref_out, ref_cache = ref.forward(x, t, y)
+    np.testing.assert_allclose(to_numpy(out), ref_out, rtol=1e-5, atol=1e-6)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads, ref_grads = dev.backward(to_device(dout, xp), cache), ref.backward(dout, ref_cache)
+    for k in ref_grads:
+        np.testing.assert_allclose(to_numpy(grads[k]), ref_grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
