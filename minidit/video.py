@@ -31,7 +31,7 @@ from .layers import (
     timestep_embedder_backward, timestep_embedder_forward,
 )
 from .model import (
-    EMBED_T, FINAL, LABELS, DiTConfig, attention_mlp_shapes, block_backward, block_forward, block_macs,
+    EMBED_T, FINAL, LABELS, DiT, DiTConfig, attention_mlp_shapes, block_backward, block_forward, block_macs,
     get_config, init_params, linear_shapes,
 )
 from .params import Model, named, take
@@ -239,10 +239,7 @@ class VideoDiT(Model):
             if getattr(a, "shape", None) != (x.shape[0],):
                 raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(getattr(a, 'shape', ()))}")
 
-    def label_dropout(self, n, rng=None):
-        if self.class_dropout_prob <= 0:
-            return None
-        return (rng or self.rng).random(n) < self.class_dropout_prob
+    label_dropout = DiT.label_dropout  # the same draw as DiT's (uses class_dropout_prob and rng only)
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """x (N, C, F, H, W), t (N,), y (N,) -> (out (N, C_out, F, H, W), cache); label dropout as DiT.forward."""
