@@ -132,13 +132,21 @@ def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_clas
     spec: "digits" (the built-in rendered digits) | "digits-captions" (the same, y = caption token ids) |
     "digits-clips" (clips of a moving digit, x (B, C, F, H, W); `frames`: the frame-count buckets) | a folder
     with one sub-folder per class | a .npz of latents.
-    image_size: output size for digits and folders; latents keep the spatial size they were encoded at.
+    image_size: output size for digits and folders (the clips: one or a list of sizes, the size buckets); latents
+    keep the spatial size they were encoded at.
     seed: seeds the digit renderer (batch order has its own seed, given to `batch`).
     channels, n_per_class, cache_dir: digits only (the clips: CLIPS_PER_CLASS). flip: override the kind's default.
     """
     def check_size(limit, what):  # latents keep their own size
-        if not 8 <= image_size <= limit:
-            raise ValueError(f"--image-size {image_size} is out of range: {what} at 8 to {limit} pixels")
+        for size in np.atleast_1d(image_size).tolist():
+            if not 8 <= size <= limit:
+                raise ValueError(f"--image-size {size} is out of range: {what} at 8 to {limit} pixels")
+
+    if np.ndim(image_size) and spec != "digits-clips":
+        if len(image_size) > 1:
+            raise ValueError("several --image-size values are size buckets: they are for --data digits-clips; give "
+                             "one size")
+        image_size = image_size[0]
 
     if frames is not None and spec != "digits-clips":
         raise ValueError("--frames chooses the clips' frame counts: it is for --data digits-clips")
@@ -248,58 +256,75 @@ CLIPS_PER_CLASS = 500  # the built-in video data: 5 000 clips (about a minute to
 
 
 class DigitClips(Dataset):
-    """The built-in video data: clips of one moving digit (minidit.digits.render_clips), cached as
-    data/clips-v1-16px-16f-500-seed0.npz (uint8 `clips` (N, F, H, W), int64 `labels`, `motion`); data (N, 1, F, H, W).
+    """The built-in video data: clips of one moving digit (minidit.digits.render_clips), cached per frame size as
+    data/clips-v1-16px-16f-500-seed0.npz (uint8 `clips` (N, F, H, W), int64 `labels`, `motion`); data (N, 1, F, H, W)
+    at the largest size.
 
-    Bucketing (Open-Sora's answer to variable duration): every batch has one frame count, drawn per step from
-    `frames` (default: all the clip's frames), each clip a window of that many consecutive frames at a random start,
-    both from default_rng([seed, step, 7]); the batch is (B, 1, F_step, H, W). No padding anywhere."""
+    Bucketing (Open-Sora's answer to variable duration and resolution): every batch has one shape, its frame count
+    drawn per step from `frames` (default: all the clip's frames) and its size from `image_size` (one size or
+    several), each clip a window of that many consecutive frames at a random start, all from
+    default_rng([seed, step, 7]); the batch is (B, 1, F_step, S_step, S_step). The sizes hold the same clips (the
+    same digits moving the same way), rendered at each resolution. No padding anywhere."""
 
     def __init__(self, image_size=16, num_frames=16, n_per_class=None, seed=0, cache_dir=None, frames=None):
         n_per_class = n_per_class or CLIPS_PER_CLASS
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = cache_dir / f"clips-v{CLIPS_VERSION}-{image_size}px-{num_frames}f-{n_per_class}-seed{seed}.npz"
-        clips = None
-        if path.exists():
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    clips, labels, motion = f["clips"], f["labels"], f["motion"]
-                if clips.shape != (10 * n_per_class, num_frames, image_size, image_size):
-                    raise ValueError(f"unexpected shape {clips.shape}")
-            except Exception as e:  # a damaged cache is rebuilt, not fatal
-                warnings.warn(f"rebuilding the clips cache {path}: {e}")
-                clips = None
-        if clips is None:
-            clips, labels, motion = render_clips(n_per_class, num_frames, image_size, seed)
-            try:
-                _atomic_write(path, lambda f: np.savez_compressed(f, clips=clips, labels=labels, motion=motion))
-            except OSError as e:
-                warnings.warn(f"could not cache the clips at {path}: {e}")
-        super().__init__(clips[:, None], labels, [str(d) for d in range(10)], kind="clips", flip=False)
+        self.sizes = tuple(sorted(set(np.atleast_1d(image_size).tolist())))
+        self.by_size, self.cache_paths = {}, []
+        for size in self.sizes:
+            path = cache_dir / f"clips-v{CLIPS_VERSION}-{size}px-{num_frames}f-{n_per_class}-seed{seed}.npz"
+            self.by_size[size], labels, motion = self._load_or_render(path, n_per_class, num_frames, size, seed)
+            self.cache_paths.append(path)
+        super().__init__(self.by_size[self.sizes[-1]], labels, [str(d) for d in range(10)], kind="clips", flip=False)
         self.motion, self.motion_names = motion, MOTIONS
         self.frames = tuple(frames) if frames else (num_frames,)
         if max(self.frames) > num_frames or min(self.frames) < 1:
             raise ValueError(f"--frames {' '.join(map(str, self.frames))}: the built-in clips have {num_frames} frames; "
                              f"train on 1 to {num_frames}")
-        self.cache_path = path
+
+    @staticmethod
+    def _load_or_render(path, n_per_class, num_frames, size, seed):
+        """The cached clips of one size as uint8 (N, 1, F, S, S), labels, motion; rendered and cached if missing."""
+        if path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    clips, labels, motion = f["clips"], f["labels"], f["motion"]
+                if clips.shape != (10 * n_per_class, num_frames, size, size):
+                    raise ValueError(f"unexpected shape {clips.shape}")
+                return clips[:, None], labels, motion
+            except Exception as e:  # a damaged cache is rebuilt, not fatal
+                warnings.warn(f"rebuilding the clips cache {path}: {e}")
+        clips, labels, motion = render_clips(n_per_class, num_frames, size, seed)
+        try:
+            _atomic_write(path, lambda f: np.savez_compressed(f, clips=clips, labels=labels, motion=motion))
+        except OSError as e:
+            warnings.warn(f"could not cache the clips at {path}: {e}")
+        return clips[:, None], labels, motion
 
     @property
     def num_frames(self):
         return self.data.shape[2]
 
+    @property
+    def shapes(self):
+        """The (frames, size) buckets a batch is drawn from."""
+        return [(f, s) for f in self.frames for s in self.sizes]
+
     def __repr__(self):
         return (f"DigitClips(n={len(self)}, frames={self.num_frames} (buckets {', '.join(map(str, self.frames))}), "
-                f"image_size={self.image_size})")
+                f"image_size={' '.join(map(str, self.sizes))})")
 
     def batch(self, step, batch_size, seed=0):
-        """x float32 (B, 1, F, H, W) in [-1, 1] with F from the buckets, y int64 (B,); a pure function of its
+        """x float32 (B, 1, F, S, S) in [-1, 1] with F and S from the buckets, y int64 (B,); a pure function of its
         arguments."""
-        x, y = super().batch(step, batch_size, seed)  # (B, 1, F_max, H, W)
+        idx = self.batch_indices(step, batch_size, seed)  # (B,)
         rng = np.random.default_rng([seed, step, _BUCKET_STREAM])
         f = int(self.frames[rng.integers(len(self.frames))])
         start = rng.integers(0, self.num_frames - f + 1, size=batch_size)  # (B,)
+        size = self.sizes[rng.integers(len(self.sizes))] if len(self.sizes) > 1 else self.sizes[0]
         window = start[:, None] + np.arange(f)  # (B, f)
-        return np.ascontiguousarray(x[np.arange(batch_size)[:, None], :, window].transpose(0, 2, 1, 3, 4)), y
+        x = self.by_size[size][idx[:, None], 0, window]  # (B, f, S, S) uint8
+        return (x[:, None].astype(np.float32) / 127.5 - 1.0), self.labels[idx]
 
 
 # ------------------------------------------------------------------------------------------------------------------

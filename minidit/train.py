@@ -88,9 +88,9 @@ def parse_args(argv=None):
                     help="'digits' (built in, generated on first use), 'digits-captions' (the same with captions "
                          "read off the renderer, for --model mmdit), a folder with one sub-folder per class, "
                          "or an .npz of precomputed latents (arrays 'latents', 'labels')")
-    ap.add_argument("--image-size", type=positive_int, default=None,
+    ap.add_argument("--image-size", type=positive_int, nargs="+", default=None,
                     help="image side in pixels (default: 16 for the built-in digits, the CPU demo; 32 for a folder; "
-                         "latents keep their own)")
+                         "latents keep their own); --data digits-clips takes several, one per batch (bucketing)")
     ap.add_argument("--channels", type=int, choices=(1, 3), default=1,
                     help="channels of the built-in digits (grayscale: 1; 3 repeats it as RGB); other data keep theirs")
     ap.add_argument("--batch-size", type=positive_int, default=64, help="images per step (the paper: 256)")
@@ -147,6 +147,8 @@ def parse_args(argv=None):
     ap.add_argument("--target-warmup", type=nonnegative_int, default=200,
                     help="--dynamic: steps over which the target goes linearly from 1 to --target-ratio")
     args = ap.parse_args(argv)
+    if args.image_size is not None and len(args.image_size) == 1:
+        args.image_size = args.image_size[0]  # one size is a number (as saved before sizes were buckets)
     for action in ap._actions:  # parse again without defaults: which options did the user give?
         action.default = argparse.SUPPRESS
     explicit = set(vars(ap.parse_args(argv)))
@@ -189,6 +191,13 @@ def model_spec(args, data):
     if args.model == "video":
         if args.dynamic:
             raise ValueError("--dynamic makes a DiT dynamic, not a video DiT: use --model dit")
+        p, pt = get_config(args.variant).patch_size, args.temporal_patch
+        if bad := [s for s in data.sizes if s % p]:
+            raise ValueError(f"--variant {args.variant}: patch {p} does not divide the frame size "
+                             f"{' '.join(map(str, bad))}; choose sizes that are multiples of {p}")
+        if bad := [f for f in data.frames if f % pt]:
+            raise ValueError(f"--temporal-patch {pt} does not divide the frame count {' '.join(map(str, bad))}; "
+                             f"choose --frames that are multiples of {pt}")
         return VideoDiTSpec(args.variant, max(data.frames), data.image_size, data.channels, data.num_classes,
                             args.learn_sigma, args.class_dropout_prob, args.temporal_patch, args.attention).to_dict()
     if (args.model == "mmdit") != (data.kind in CAPTIONED):

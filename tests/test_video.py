@@ -136,6 +136,41 @@ def test_clips_move_bounce_and_are_bucketed(tmp_path):
         DigitClips(n_per_class=2, cache_dir=tmp_path, frames=(20,))
 
 
+def test_size_buckets_hold_the_same_clips_at_each_size(tmp_path):
+    from minidit.data import DigitClips, load_dataset
+
+    ds = DigitClips(image_size=(16, 8), n_per_class=2, cache_dir=tmp_path, frames=(3, 5))
+    assert ds.sizes == (8, 16) and ds.image_size == 16 and len(ds.cache_paths) == 2
+    assert sorted(ds.shapes) == [(3, 8), (3, 16), (5, 8), (5, 16)]
+    one = DigitClips(image_size=16, n_per_class=2, cache_dir=tmp_path, frames=(3, 5))
+    np.testing.assert_array_equal(one.data, ds.data)  # the 16 px clips, from the cache
+    # the 8 px clips are the same digits moving the same way: their centres of mass agree (in units of the side)
+    from minidit.dev.evaluate import centres_of_mass
+    small, large = (centres_of_mass(ds.by_size[s][:, 0, ..., None]) / s for s in (8, 16))
+    assert np.abs(small - large).mean() < 0.05
+    seen = set()
+    for step in range(16):
+        x, y = ds.batch(step, 4, seed=2)
+        f, size = x.shape[2], x.shape[3]
+        seen.add((f, size))
+        assert x.shape == (4, 1, f, size, size) and (f, size) in ds.shapes
+        np.testing.assert_array_equal(y, ds.labels[ds.batch_indices(step, 4, seed=2)])
+    assert seen == set(ds.shapes)
+    # one size draws the batches it drew before sizes were buckets: the same frame counts and windows
+    for step in range(4):
+        x1, _ = one.batch(step, 4, seed=2)
+        rng = np.random.default_rng([2, step, 7])
+        f = one.frames[rng.integers(2)]
+        start = rng.integers(0, 16 - f + 1, size=4)
+        idx = one.batch_indices(step, 4, seed=2)
+        expect = np.stack([one.data[i, :, s:s + f] for i, s in zip(idx, start)]).astype(np.float32) / 127.5 - 1
+        np.testing.assert_array_equal(x1, expect)
+    with pytest.raises(ValueError, match="digits-clips"):
+        load_dataset("digits", image_size=[16, 24])
+    with pytest.raises(ValueError, match="out of range"):
+        load_dataset("digits-clips", image_size=[16, 4], cache_dir=tmp_path)
+
+
 def test_evaluate_clips_tells_motion_from_flicker_and_stills():
     from minidit.dev.evaluate import evaluate_clips, format_clip_table
     from minidit.digits import render_clips
@@ -165,9 +200,11 @@ def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
     monkeypatch.setattr("minidit.data.CLIPS_PER_CLASS", 1)  # 10 clips: enough to run, quick to render
     run = str(tmp_path / "video")
     train_mod.main(["--model", "video", "--data", "digits-clips", "--variant", "mini/8", "--frames", "4", "6",
-                    "--batch-size", "2", "--steps", "3", "--log-every", "1", "--sample-steps", "2", "--out", run])
+                    "--image-size", "8", "16", "--batch-size", "2", "--steps", "3", "--log-every", "1",
+                    "--sample-steps", "2", "--out", run])
     model = load_model(run)
     assert isinstance(model, VideoDiT) and model.num_frames == 6 and model.spec.attention == "factorised"
+    assert model.input_size == 16  # the largest size bucket: the default sample size
     assert Image.open(os.path.join(run, "samples.gif")).n_frames == 6
     gif, npz = str(tmp_path / "c.gif"), str(tmp_path / "c.npz")
     sample_main(["--ckpt", run, "--class-labels", "3", "7", "--frames", "8", "--num-sampling-steps", "2",
@@ -176,7 +213,15 @@ def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
     assert z["arr_0"].shape == (2, 8, 16, 16, 1) and z["arr_0"].dtype == np.uint8 and z["labels"].tolist() == [3, 7]
     assert Image.open(gif).n_frames == 8  # a frame count it was not trained on
     evaluate_main([npz])
-    train_mod.main(["--resume", run, "--steps", "4"])
+    sample_main(["--ckpt", run, "--class-labels", "1", "--size", "24", "--num-sampling-steps", "2", "--out", gif,
+                 "--npz", npz])
+    assert np.load(npz)["arr_0"].shape == (1, 6, 24, 24, 1)  # a size it was not trained on
+    train_mod.main(["--resume", run, "--steps", "4", "--image-size", "8", "16"])
+    with pytest.raises(SystemExit, match="--image-size"):
+        train_mod.main(["--resume", run, "--steps", "5", "--image-size", "16"])
+    with pytest.raises(SystemExit, match="patch 8 does not divide the frame size 12"):
+        train_mod.main(["--model", "video", "--data", "digits-clips", "--image-size", "12", "16", "--steps", "1",
+                        "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="digits-clips"):
         train_mod.main(["--model", "video", "--steps", "1", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--out"):
