@@ -562,12 +562,16 @@ def _atomic_write(path, write):
 
 
 if __name__ == "__main__":
-    # python -m minidit.data: build the default digits cache and (re)draw data/digits_preview.png,
-    # one row per class, 16 samples each.
+    # python -m minidit.data: build the default digits and clips caches and (re)draw data/digits_preview.png (one row
+    # per class, 16 samples each) and data/clips_preview.gif (one row per class, 6 clips each).
+    data_dir = Path(__file__).resolve().parent.parent / "data"
     ds = load_dataset("digits")
     per_class = 16
     idx = np.concatenate([np.flatnonzero(ds.labels == k)[:per_class] for k in range(ds.num_classes)])
     preview = ds.data[idx].astype(np.float32) / 127.5 - 1.0  # (160, 3, 32, 32)
-    out = Path(__file__).resolve().parent.parent / "data" / "digits_preview.png"
-    save_grid(preview, out, nrow=per_class)
-    print(f"{ds}\ncache: {ds.cache_path}\npreview: {out}")
+    save_grid(preview, data_dir / "digits_preview.png", nrow=per_class)
+    print(f"{ds}\ncache: {ds.cache_path}\npreview: {data_dir / 'digits_preview.png'}")
+    clips, per_class = load_dataset("digits-clips", image_size=16), 6
+    idx = np.concatenate([np.flatnonzero(clips.labels == k)[:per_class] for k in range(clips.num_classes)])
+    save_gif(clips.data[idx].astype(np.float32) / 127.5 - 1.0, data_dir / "clips_preview.gif", nrow=per_class)
+    print(f"{clips}\ncache: {clips.cache_paths[0]}\npreview: {data_dir / 'clips_preview.gif'}")

@@ -198,6 +198,7 @@ def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
     from minidit.sample import main as sample_main
 
     monkeypatch.setattr("minidit.data.CLIPS_PER_CLASS", 1)  # 10 clips: enough to run, quick to render
+    monkeypatch.setattr("minidit.data.default_cache_dir", lambda: tmp_path)  # not the repository's data/
     run = str(tmp_path / "video")
     train_mod.main(["--model", "video", "--data", "digits-clips", "--variant", "mini/8", "--frames", "4", "6",
                     "--image-size", "8", "16", "--batch-size", "2", "--steps", "3", "--log-every", "1",
