@@ -321,6 +321,7 @@ class DigitClips(Dataset):
         rng = np.random.default_rng([seed, step, _BUCKET_STREAM])
         f = int(self.frames[rng.integers(len(self.frames))])
         start = rng.integers(0, self.num_frames - f + 1, size=batch_size)  # (B,)
+        # one size draws nothing, so a single-size run sees the batches it saw before sizes were buckets
         size = self.sizes[rng.integers(len(self.sizes))] if len(self.sizes) > 1 else self.sizes[0]
         window = start[:, None] + np.arange(f)  # (B, f)
         x = self.by_size[size][idx[:, None], 0, window]  # (B, f, S, S) uint8
@@ -565,13 +566,11 @@ if __name__ == "__main__":
     # python -m minidit.data: build the default digits and clips caches and (re)draw data/digits_preview.png (one row
     # per class, 16 samples each) and data/clips_preview.gif (one row per class, 6 clips each).
     data_dir = Path(__file__).resolve().parent.parent / "data"
-    ds = load_dataset("digits")
-    per_class = 16
-    idx = np.concatenate([np.flatnonzero(ds.labels == k)[:per_class] for k in range(ds.num_classes)])
-    preview = ds.data[idx].astype(np.float32) / 127.5 - 1.0  # (160, 3, 32, 32)
-    save_grid(preview, data_dir / "digits_preview.png", nrow=per_class)
-    print(f"{ds}\ncache: {ds.cache_path}\npreview: {data_dir / 'digits_preview.png'}")
-    clips, per_class = load_dataset("digits-clips", image_size=16), 6
-    idx = np.concatenate([np.flatnonzero(clips.labels == k)[:per_class] for k in range(clips.num_classes)])
-    save_gif(clips.data[idx].astype(np.float32) / 127.5 - 1.0, data_dir / "clips_preview.gif", nrow=per_class)
-    print(f"{clips}\ncache: {clips.cache_paths[0]}\npreview: {data_dir / 'clips_preview.gif'}")
+
+    def first_per_class(ds, k):  # (10 k,) indices: the first k items of each class, class by class
+        return np.concatenate([np.flatnonzero(ds.labels == c)[:k] for c in range(ds.num_classes)])
+
+    ds, clips = load_dataset("digits"), load_dataset("digits-clips", image_size=16)
+    save_grid(ds.data[first_per_class(ds, 16)] / 127.5 - 1.0, data_dir / "digits_preview.png", nrow=16)
+    save_gif(clips.data[first_per_class(clips, 6)] / 127.5 - 1.0, data_dir / "clips_preview.gif", nrow=6)
+    print(f"{ds}\ncache: {ds.cache_path}\n{clips}\ncache: {clips.cache_paths[0]}\npreviews: {data_dir}")
