@@ -122,7 +122,7 @@ class Dataset:
             x[flip] = x[flip, ..., ::-1]  # mirror along W
         if self.kind == "latents":
             return x.astype(np.float32, copy=False), y
-        return x.astype(np.float32) / 127.5 - 1.0, y  # ToTensor + Normalize(0.5, 0.5); stays float32
+        return from_uint8(x), y
 
 
 def load_dataset(spec="digits", image_size=32, seed=0, *, channels=3, n_per_class=1000, cache_dir=None, flip=None,
@@ -325,7 +325,7 @@ class DigitClips(Dataset):
         size = self.sizes[rng.integers(len(self.sizes))] if len(self.sizes) > 1 else self.sizes[0]
         window = start[:, None] + np.arange(f)  # (B, f)
         x = self.by_size[size][idx[:, None], 0, window]  # (B, f, S, S) uint8
-        return (x[:, None].astype(np.float32) / 127.5 - 1.0), self.labels[idx]
+        return from_uint8(x[:, None]), self.labels[idx]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -484,6 +484,11 @@ class Latents(Dataset):
 # Image output
 # ------------------------------------------------------------------------------------------------------------------
 
+def from_uint8(x):
+    """uint8 pixels 0..255 -> float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5): p / 127.5 - 1."""
+    return x.astype(np.float32) / 127.5 - 1.0
+
+
 def to_uint8_nhwc(x):
     """Float images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), as sample_ddp.py: clamp(127.5 x + 128, 0, 255)."""
     x = to_numpy(x)
@@ -571,6 +576,6 @@ if __name__ == "__main__":
         return np.concatenate([np.flatnonzero(ds.labels == c)[:k] for c in range(ds.num_classes)])
 
     ds, clips = load_dataset("digits"), load_dataset("digits-clips", image_size=16)
-    save_grid(ds.data[first_per_class(ds, 16)] / 127.5 - 1.0, data_dir / "digits_preview.png", nrow=16)
-    save_gif(clips.data[first_per_class(clips, 6)] / 127.5 - 1.0, data_dir / "clips_preview.gif", nrow=6)
+    save_grid(from_uint8(ds.data[first_per_class(ds, 16)]), data_dir / "digits_preview.png", nrow=16)
+    save_gif(from_uint8(clips.data[first_per_class(clips, 6)]), data_dir / "clips_preview.gif", nrow=6)
     print(f"{ds}\ncache: {ds.cache_path}\n{clips}\ncache: {clips.cache_paths[0]}\npreviews: {data_dir}")

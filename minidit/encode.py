@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .backend import BACKENDS
 from .xp import make_rng, to_device, to_numpy
 from .cli import nonnegative_int, output_file, positive_int, run
-from .data import ImageFolder, save_npz
+from .data import ImageFolder, from_uint8, save_npz
 from .vae import VAE
 
 
@@ -33,7 +33,7 @@ def encode_folder(folder, vae, image_size=256, batch_size=8, seed=0, flip=True, 
     rng = make_rng(vae.xp, seed)
     out = []
     for i in tqdm(range(0, len(x_all), batch_size), desc="encoding", unit="batch", disable=not progress):
-        x = x_all[i:i + batch_size].astype(np.float32) / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        x = from_uint8(x_all[i:i + batch_size])  # (B, 3, S, S) in [-1, 1]
         out.append(to_numpy(vae.encode(to_device(x, vae.xp), rng=rng)))
     return np.concatenate(out).astype(np.float32), ds.labels.astype(np.int64), ds.class_names
 
