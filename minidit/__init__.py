@@ -10,6 +10,9 @@ The mainline, in reading order (each module imports only the ones before it):
     optim         AdamW and EMA, in place
     cuda_kernels  fused CUDA kernels beside their references in layers / optim (imported with the cupy backend)
     backend       a backend by name: numpy, cupy, strict
+    cli           what the commands share: flag types, output paths checked first, one-line errors
+    contract      what every model is and does: Spec (its constructor's one argument) and Model (what the commands
+                  use, DiT's behaviour by default: conditions, dropout, sample shape, extra loss, options)
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
@@ -18,10 +21,11 @@ The mainline, in reading order (each module imports only the ones before it):
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks
-    cli           what the commands share: flag types, output paths checked first, one-line errors
-    digits, captions, data  the built-in digits; their captions, a tokenizer, a tiny text encoder and the MM-DiT
-                  that reads it; datasets; image output
-    checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
+    digits, captions  the built-in digits; their captions, a tokenizer, a tiny text encoder and the MM-DiT that
+                  reads it
+    models        every kind of model in one table (MODELS): build one from a checkpoint's spec, or from options
+    data          datasets; image output
+    checkpoint    the checkpoint format: save, read (older layouts upgraded), rebuild any model and objective
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader
     sample        python -m minidit.sample
     distributed   training on N processes (mpiexec): each rank a shard of the batch, gradients summed by MPI or NCCL

@@ -40,12 +40,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_backend
 from .digits import DIGIT_RANGES, digit_font_size
 from .layers import embedding_backward, embedding_forward
 from .mmdit import MMDiT, MMDiTSpec, POS
-from .params import Model
-from .xp import get_xp, to_device
+from .cli import positive_int
+from .contract import Model, Spec, check_array
+from .model import get_config
+from .xp import get_xp
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VOCAB = ("<pad>",  # index 0: padding
@@ -195,7 +196,7 @@ TOKENS = "text_encoder.token_embedding.weight"
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionMMDiTSpec:
+class CaptionMMDiTSpec(Spec):
     """An MM-DiT (MMDiTSpec's fields, its text widths set to embed_dim) reading token ids through a learned table."""
     sample_size: int = 16
     patch_size: int = 4
@@ -231,17 +232,6 @@ class CaptionMMDiTSpec:
                          out_channels=self.in_channels, pos_embed_max_size=self.pos_embed_max_size,
                          qk_norm=self.qk_norm)
 
-    @classmethod
-    def of(cls, spec=None, **overrides):
-        if spec is None:
-            spec = cls()
-        elif isinstance(spec, dict):
-            spec = cls(**{k: v for k, v in spec.items() if k != "kind"})
-        return dataclasses.replace(spec, **overrides) if overrides else spec
-
-    def to_dict(self):
-        return {"kind": self.kind, **dataclasses.asdict(self)}
-
 
 class CaptionCache(NamedTuple):
     text: TextEncoderCache
@@ -249,48 +239,41 @@ class CaptionCache(NamedTuple):
 
 
 class CaptionMMDiT(Model):
-    """Text prompts -> images: token ids (N, L) through the learned table, then MM-DiT. The same methods as DiT
-    (check_inputs, label_dropout, forward(x, t, y, ...), backward), with y the token ids, so minidit.threads,
-    minidit.train and minidit.sample drive it as they drive DiT.
+    """Text prompts -> images: token ids (N, L) through the learned table, then MM-DiT. The same calls as DiT
+    (forward(x, t, y, ...), backward), with y the token ids and the all-padding caption as the null condition.
 
         model = CaptionMMDiT(CaptionMMDiTSpec(num_layers=2), seed=0)
         out, cache = model.forward(x, t, tokenize_all(["a 3", "a large 7"]), train=False)
         grads = model.backward(dout, cache)
     """
 
+    Spec = CaptionMMDiTSpec
     FROZEN = (POS,)
+    CLI_NAME = "mmdit"
+    OPTIONS = ("text_dim",)
+    DATA = ("digits-captions",)
+    LEARNS_SIGMA = False
     learn_sigma = False  # the velocity (or the noise) alone
 
-    def __init__(self, spec=None, seed=0, dtype=np.float32, backend="numpy", **fields):
-        self.spec = s = CaptionMMDiTSpec.of(spec, **fields)
-        self.mmdit = MMDiT(s.mmdit_spec, seed=seed, dtype=dtype, backend=backend)
-        self.dtype, self.xp = self.mmdit.dtype, get_backend(backend)
-        self.in_channels = self.out_channels = s.in_channels
-        self.input_size, self.patch_size = s.sample_size, s.patch_size
-        self.max_length, self.vocab_size = s.max_length, s.vocab_size
-        self.class_dropout_prob = s.caption_dropout_prob  # what guidance checks
-        self.rng = np.random.default_rng(seed)  # caption dropout when forward(train=True) gets no rng
-        # PyTorch's nn.Embedding default N(0, 1), from its own stream so the transformer's init is MMDiT's own
-        table = np.random.default_rng([seed, 1]).standard_normal((s.vocab_size, s.embed_dim))
-        self.params = {TOKENS: to_device(table.astype(self.dtype), self.xp), **self.mmdit.params}
+    def __init__(self, spec=None, *, seed=0, dtype=np.float32, backend="numpy", **fields):
+        spec = CaptionMMDiTSpec.of(spec, **fields)
+        self.mmdit = MMDiT(spec.mmdit_spec, seed=seed, dtype=dtype, backend=backend)
+        super().__init__(spec, seed=seed, dtype=dtype, backend=backend)
 
-    @classmethod
-    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
-        return cls(CaptionMMDiTSpec.of(spec), seed=seed, dtype=dtype, backend=backend)
+    def init_params(self, seed):
+        """PyTorch's nn.Embedding default N(0, 1) for the token table, from its own stream so that the transformer's
+        init is MMDiT's own."""
+        s = self.spec
+        table = np.random.default_rng([seed, 1]).standard_normal((s.vocab_size, s.embed_dim))
+        return {TOKENS: table, **self.mmdit.init_params(seed)}
 
     def param_shapes(self):
         return {TOKENS: (self.spec.vocab_size, self.spec.embed_dim), **self.mmdit.param_shapes()}
 
-    @property
-    def variant(self):
+    def describe(self):
         s = self.spec
-        return (f"{s.num_layers} layers, {s.num_attention_heads} heads of {s.attention_head_dim}, patch {s.patch_size},"
-                f" text {s.max_length} x {s.embed_dim}")
-
-    @property
-    def null_condition(self):
-        """The unconditional caption: all padding, (L,) int64 (guidance's second half)."""
-        return np.zeros(self.max_length, dtype=np.int64)
+        return (f"{type(self).__name__} {s.num_layers} layers, {s.num_attention_heads} heads of "
+                f"{s.attention_head_dim}, patch {s.patch_size}, text {s.max_length} x {s.embed_dim}")
 
     def gmacs(self):
         """Forward multiply-accumulates per image of the matmuls (the transformer's Linears and attention), in
@@ -301,6 +284,54 @@ class CaptionMMDiT(Model):
         io = T * s.in_channels * s.patch_size ** 2 * D * 2 + L * s.embed_dim * D
         return (s.num_layers * per_block + io) / 1e9
 
+    def sample_shape(self, n, frames=None, size=None):
+        if frames is not None or size is not None:
+            raise ValueError("--frames and --size are for a video model")
+        return (n, self.in_channels, self.spec.sample_size, self.spec.sample_size)
+
+    # -- conditions: token ids, and the all-padding caption --------------------------------------
+    @property
+    def null_condition(self):
+        """The unconditional caption: all padding, (L,) int64 (guidance's second half)."""
+        return np.zeros(self.spec.max_length, dtype=np.int64)
+
+    @property
+    def condition_dropout_prob(self):
+        return self.spec.caption_dropout_prob
+
+    def check_conditions(self, y):
+        if y.ndim != 2 or y.shape[0] == 0:
+            raise ValueError("give at least one prompt (token ids of shape (N, L))")
+
+    def conditions(self, class_labels=None, prompts=None, per_class=1, labelled=False):
+        """The prompts (default "a 0" ... "a 9"), each per_class times, as token ids; with labelled=True also the
+        digit each names (what minidit.dev.evaluate scores)."""
+        if class_labels is not None:
+            raise ValueError("this model reads text prompts: give --prompt TEXT (e.g. --prompt 'a large 3'), not "
+                             "--class-labels")
+        prompts = [p for p in (prompts or [f"a {d}" for d in range(10)]) for _ in range(per_class)]
+        y = tokenize_all(prompts, self.spec.max_length)  # an unknown word or a long prompt: a clear error here
+        return y, ([prompt_digit(p) for p in prompts] if labelled else None)
+
+    # -- the command line ------------------------------------------------------------------------
+    @classmethod
+    def add_options(cls, ap):
+        ap.add_argument("--text-dim", type=positive_int, default=64,
+                        help="--model mmdit: the width E of the learned token embeddings")
+
+    @classmethod
+    def spec_from_options(cls, args, data):
+        """SD3's MM-DiT sized from --variant (depth, heads of hidden / heads, patch), reading the digits' captions."""
+        cfg = get_config(args.variant)
+        if data.image_size % cfg.patch_size:
+            raise ValueError(f"--variant {args.variant}: patch {cfg.patch_size} does not divide the image size "
+                             f"{data.image_size}")
+        return CaptionMMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
+                                num_layers=cfg.depth, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+                                num_attention_heads=cfg.num_heads, pos_embed_max_size=data.image_size // cfg.patch_size,
+                                embed_dim=args.text_dim, caption_dropout_prob=args.class_dropout_prob)
+
+    # -- forward / backward ----------------------------------------------------------------------
     def _transformer(self):
         """The MMDiT reading this model's current parameters (the EMA's too, through `using`)."""
         return self.mmdit.using({k: v for k, v in self.params.items() if k != TOKENS})
@@ -308,31 +339,15 @@ class CaptionMMDiT(Model):
     def check_inputs(self, x, t, y):
         """Clear errors for token ids of the wrong shape, dtype, range or backend (x and t: MMDiT checks them)."""
         N = getattr(x, "shape", (None,))[0]
-        if getattr(y, "shape", None) != (N, self.max_length):
-            raise ValueError(f"y must be token ids of shape ({N}, {self.max_length}) (minidit.captions.tokenize_all), "
-                             f"got {tuple(getattr(y, 'shape', ()))}")
-        if y.dtype.kind not in "iu":
-            raise TypeError(f"token ids must be integers, got {y.dtype}")
-        if get_xp(y) is not self.xp:
-            raise TypeError(f"y is a {type(y).__module__} array but the model lives on {self.xp.__name__}")
-        if self.xp is np and y.size and (y.min() < 0 or y.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size - 1}], got min {y.min()} max {y.max()}")
-
-    def label_dropout(self, n, rng=None):
-        """Caption dropout: (n,) bool on the host, True = the caption replaced by padding (None without dropout)."""
-        if self.class_dropout_prob <= 0:
-            return None
-        return (rng or self.rng).random(n) < self.class_dropout_prob
+        check_array("y", y, (N, self.spec.max_length), self, kinds="iu", what=" (token ids: minidit.text.tokenize_all)")
+        if self.xp is np and y.size and (y.min() < 0 or y.max() >= self.spec.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.spec.vocab_size - 1}], got min {y.min()} max {y.max()}")
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """x (N, C, H, W), t (N,), y (N, L) token ids -> (out (N, C, H, W), cache). train=True applies caption dropout
         (drawn from rng); force_drop_ids (N,) of 0/1 drops exactly those captions."""
         self.check_inputs(x, t, y)
-        xp = self.xp
-        if force_drop_ids is None and train:
-            force_drop_ids = self.label_dropout(x.shape[0], rng)
-        if force_drop_ids is not None:
-            y = xp.where(xp.asarray(force_drop_ids)[:, None] == 1, PAD, y)
+        y = self.drop_condition(y, train, force_drop_ids, rng)
         context, pooled, text_cache = text_encoder_forward(y, self.params[TOKENS])
         out, mm_cache = self._transformer().forward(x, t, context, pooled, cache=cache)
         return out, (CaptionCache(text_cache, mm_cache) if cache else None)

@@ -29,11 +29,7 @@ import zipfile
 
 import numpy as np
 
-from . import conditioning
-from .captions import CaptionMMDiT
-from .dynamic import DynamicDiT
-from .mmdit import MMDiT
-from .video import VideoDiT
+from . import models
 from .diffusion import Diffusion
 from .flow import RectifiedFlow
 from .xp import to_numpy
@@ -246,14 +242,48 @@ def split_state(state: dict) -> tuple[dict, dict]:
 #   arrays  "model.<name>"        the raw weights (training checkpoints)
 #           "ema.params.<name>"   the EMA weights, which sampling uses (both kinds)
 #           "opt.<m|v>.<name>"    AdamW's moments (training checkpoints)
-#   meta    {"format": FORMAT, "model": the model's spec (spec.to_dict(): "kind" and every constructor argument),
+#   meta    {"format": FORMAT, "model": the model's spec (spec.to_dict(): "kind" and every field),
 #            "objective": the objective's spec(), ...}  plus, for a training run, "step", "args" (every option of
 #            minidit.train), "class_names", "opt" and "ema" (their scalar state); for converted weights, "source".
-# One loader rebuilds any model from "model" (build_model) and its objective from "objective" (build_objective).
-FORMAT = "minidit-2"
-OLD_FORMATS = ("minidit-train-1", "minidit-converted-1")  # written before model specs had a "kind": still read
+# One loader rebuilds any model from "model" (minidit.models.build) and its objective from "objective".
+FORMAT = "minidit-3"
 CKPT_NAME = "checkpoint.npz"  # the file minidit.train keeps in its run directory
-_DDPM = {"kind": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000}  # what every old checkpoint trained
+
+
+def upgrade(meta):
+    """The metadata of a checkpoint any earlier minidit wrote, in today's layout (FORMAT). The one place that knows
+    the older layouts, step by step:
+
+      minidit-train-1, minidit-converted-1  the model spec has no "kind" (a DiT), the objective is not stored (DDPM)
+      minidit-2   DiT's spec held the conditioning design as "block" (now ConditioningDiTSpec's, kind
+                  "dit-conditioning"; "adaln-zero" is DiT itself); a run's options lack those added since
+    """
+    meta, version = dict(meta), meta.get("format")
+    if version in ("minidit-train-1", "minidit-converted-1") and isinstance(meta.get("model"), dict):
+        meta["model"] = {"kind": "dit", **meta["model"]}
+        meta["objective"] = {"kind": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000,
+                             "learn_sigma": bool(meta["model"].get("learn_sigma", True))}
+        version = "minidit-2"
+    if version == "minidit-2":
+        spec = meta.get("model")
+        if isinstance(spec, dict) and spec.get("kind") in ("dit", "dydit"):
+            spec = dict(spec)
+            block = spec.pop("block", "adaln-zero")
+            if block != "adaln-zero":
+                spec.update(kind="dit-conditioning", block=block)
+            meta["model"] = spec
+        if isinstance(meta.get("args"), dict):
+            meta["args"] = {**OPTIONS_ADDED, **meta["args"]}
+        version = FORMAT
+    meta["format"] = version
+    return meta
+
+
+# minidit.train's options that runs written by minidit-2 or earlier may lack, with the value that reproduces them
+OPTIONS_ADDED = dict(block="adaln-zero", final_samples=True, threads=None, objective="ddpm",
+                     time_sampling="logit-normal", model="dit", text_dim=64, frames=None, temporal_patch=1,
+                     attention="factorised", finetune=None, dynamic=None, target_ratio=0.5, target_warmup=200,
+                     distributed="auto")
 
 
 def checkpoint_file(path):
@@ -262,20 +292,16 @@ def checkpoint_file(path):
 
 
 def read(path) -> tuple[dict, dict]:
-    """(arrays, meta) of a minidit checkpoint of any version, its meta in today's layout; a clear CheckpointError
-    for files of another version or kind."""
+    """(arrays, meta) of a minidit checkpoint of any version, its meta in today's layout (upgrade); a clear
+    CheckpointError for files of another version or kind."""
     path = checkpoint_file(path)
     arrays, meta = load_checkpoint(path)
     version = meta.get("format")
-    if version in OLD_FORMATS:
-        meta = dict(meta, format=FORMAT)
-        if isinstance(meta.get("model"), dict):
-            meta["model"] = {"kind": "dit", "block": "adaln-zero", **meta["model"]}  # no --block before its time
-            meta["objective"] = {**_DDPM, "learn_sigma": bool(meta["model"].get("learn_sigma", True))}
-    elif version != FORMAT:
-        raise CheckpointError(f"{path!r} is a checkpoint of format {version!r}; this minidit reads {FORMAT!r} and "
-                              f"the older {', '.join(map(repr, OLD_FORMATS))}: write it again with this minidit "
-                              f"(minidit.train --resume with the version that wrote it, or minidit.convert)")
+    meta = upgrade(meta)
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{path!r} is a checkpoint of format {version!r}; this minidit reads {FORMAT!r} and the "
+                              f"older minidit-2, minidit-train-1, minidit-converted-1: write it again with this "
+                              f"minidit (minidit.train --resume with the version that wrote it, or minidit.convert)")
     for key in ("model", "objective"):
         if not isinstance(meta.get(key), dict) or "kind" not in meta[key]:
             raise CheckpointError(f"{path!r} does not say which {key} it holds (no {key!r} spec in its metadata)")
@@ -284,15 +310,9 @@ def read(path) -> tuple[dict, dict]:
 
 def build_model(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
     """The model a spec dict describes (a checkpoint's meta["model"]), freshly initialised from `seed`."""
-    models = {"dit": conditioning.build, "mmdit": MMDiT.from_spec,  # kind -> builder
-              "mmdit-captions": CaptionMMDiT.from_spec, "dydit": DynamicDiT.from_spec,
-              "video-dit": VideoDiT.from_spec}
-    kind = spec.get("kind")
-    if kind not in models:
-        raise CheckpointError(f"unknown model kind {kind!r} in the checkpoint; this minidit builds {', '.join(models)}")
     try:
-        return models[kind]({k: v for k, v in spec.items() if k != "kind"}, seed=seed, dtype=dtype, backend=backend)
-    except TypeError as e:  # a field this minidit does not know, one missing, or of the wrong type
+        return models.build(spec, seed=seed, dtype=dtype, backend=backend)
+    except (TypeError, ValueError) as e:  # an unknown kind, a field this minidit does not know, or a bad value
         raise CheckpointError(f"the model spec {spec} does not describe a model this minidit can build ({e})") from None
 
 

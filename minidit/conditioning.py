@@ -16,11 +16,11 @@ Linear (the paper: "adaptive if using adaLN"). Only the final linear (and the fi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import model
 from .layers import (
     AttendCache, LinearCache, adaln_backward, adaln_forward, attend_backward, attend_forward, attention_backward,
     attention_forward, chunks, final_layer_backward, final_layer_forward, layernorm_backward, layernorm_forward,
@@ -28,13 +28,28 @@ from .layers import (
     split_heads, unpatchify, unpatchify_backward,
 )
 from .model import (
-    ATTN, BLOCK_TYPES, FINAL, LINEAR, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs,
-    embedder_shapes, init_params, linear_shapes,
+    ATTN, FINAL, LINEAR, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs, embedder_shapes,
+    init_params, linear_shapes,
 )
 from .params import named, take
 from .xp import get_xp
 
 CROSS = "q.weight q.bias kv.weight kv.bias proj.weight proj.bias"
+DESIGNS = ("adaln", "cross-attention", "in-context")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditioningDiTSpec(DiTSpec):
+    """A DiTSpec plus the design that feeds t and y to the blocks."""
+    block: str = "adaln"
+
+    kind = "dit-conditioning"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block not in DESIGNS:
+            raise ValueError(f"unknown block type {self.block!r}; choose one of: {', '.join(DESIGNS)} (DiT's own "
+                             f"adaLN-Zero is minidit.model.DiT)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,11 +92,9 @@ def cross_attention_backward(dout, cache):
 # Shapes and FLOPs of the three designs
 # ----------------------------------------------------------------------------------------------
 def param_shapes(spec, **overrides):
-    """name -> shape of every parameter of a design (adaln-zero: minidit.model.param_shapes), in the official order:
+    """name -> shape of every parameter of a design, in the official order:
     the same names as DiT for what they share, cross_attn.{q,kv,proj} for the cross-attention layer."""
-    s = DiTSpec.of(spec, **overrides)
-    if s.block == "adaln-zero":
-        return model.param_shapes(s)
+    s = ConditioningDiTSpec.of(spec, **overrides)
     cfg = s.config
     D, p = cfg.hidden_size, cfg.patch_size
     shapes = embedder_shapes(s)
@@ -101,9 +114,7 @@ def param_shapes(spec, **overrides):
 
 def forward_macs(spec, **overrides):
     """Multiply-accumulates per image of a design, counted as minidit.model.forward_macs counts them."""
-    s = DiTSpec.of(spec, **overrides)
-    if s.block == "adaln-zero":
-        return model.forward_macs(s)
+    s = ConditioningDiTSpec.of(spec, **overrides)
     cfg, T = s.config, s.num_patches
     D, p = cfg.hidden_size, cfg.patch_size
     per_block = block_macs(cfg, T + 2 if s.block == "in-context" else T)  # in-context: 2 more tokens
@@ -201,12 +212,8 @@ class ConditioningDiT(DiT):
         model = ConditioningDiT("S/2", block="in-context", input_size=32, in_channels=4, num_classes=1000)
     """
 
-    BLOCKS = BLOCK_TYPES[1:]
-
-    def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy", block="adaln"):
-        super().__init__(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, seed, dtype,
-                         backend, block)
+    Spec = ConditioningDiTSpec
+    OPTIONS = ("block",)
 
     def param_shapes(self):
         return param_shapes(self.spec)
@@ -217,9 +224,26 @@ class ConditioningDiT(DiT):
     def gmacs(self):
         return forward_macs(self.spec) / 1e9
 
+    def describe(self):
+        return f"{super().describe()} ({self.spec.block} blocks)"
+
+    @classmethod
+    def add_options(cls, ap):
+        ap.add_argument("--block", choices=("adaln-zero",) + DESIGNS, default="adaln-zero",
+                        help="--model dit: how t and the class reach the blocks, the paper's four designs (Table 4): "
+                             "adaln-zero is DiT itself, the others minidit.conditioning")
+
+    @classmethod
+    def chosen_by(cls, args):
+        return args.model == DiT.CLI_NAME and args.block != "adaln-zero"
+
+    @classmethod
+    def spec_from_options(cls, args, data):
+        return dataclasses.replace(super().spec_from_options(args, data), block=args.block)
+
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """As DiT.forward."""
-        P, xp, block = self.params, self.xp, self.block
+        P, xp, block = self.params, self.xp, self.spec.block
         h, temb, yemb, embed_caches = self.embed(x, t, y, train, force_drop_ids, rng)
         c_act = c_silu_cache = cond = None
         if block == "adaln":
@@ -247,7 +271,7 @@ class ConditioningDiT(DiT):
 
     def backward(self, dout, cache, return_dx=False, release=False):
         """As DiT.backward."""
-        xp, block, grads = self.xp, self.block, {}
+        xp, block, grads = self.xp, self.spec.block, {}
         dh = unpatchify_backward(dout, self.patch_size)
         if block == "adaln":
             dh, dcond, *dfinal = final_layer_backward(dh, cache.final)  # dcond: d silu(c)
@@ -274,9 +298,3 @@ class ConditioningDiT(DiT):
         grads = {k: grads[k] for k in self.trainable()}  # official order
         return (grads, dx) if return_dx else grads
 
-
-def build(spec, seed=0, dtype=np.float32, backend="numpy"):
-    """The model a DiTSpec describes: DiT for adaln-zero, ConditioningDiT for the other designs."""
-    s = DiTSpec.of(spec)
-    cls = DiT if s.block == "adaln-zero" else ConditioningDiT
-    return cls.from_spec(s, seed=seed, dtype=dtype, backend=backend)

@@ -31,6 +31,7 @@ from .captions import MAX_LENGTH, caption_digits, tokenize_all
 from .digits import CLIPS_VERSION, DIGITS_VERSION, MOTIONS, digit_params, render_clips, render_digits
 from .xp import to_numpy
 
+BUILT_IN = ("digits", "digits-captions", "digits-clips")  # rendered here, 16 px by default (other data: 32)
 MAX_IMAGE_SIZE = 1024  # pixels: DiT's largest is 512; every image of a folder is held in memory at this size
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
 
@@ -545,6 +546,21 @@ def save_gif(x, path, nrow=8, padding=2, scale=None, frame_ms=125):
     frames = [_pil(tile(clips[:, k], nrow, padding, scale)) for k in range(clips.shape[1])]
     _atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                  duration=frame_ms, loop=0))
+
+
+def sample_file(stem, ndim):
+    """The file samples of `ndim` axes are written to: stem.png for images (4 axes), stem.gif for clips (5)."""
+    return stem + (".gif" if ndim == 5 else ".png")
+
+
+def save_samples(x, path, nrow=8):
+    """Images (N, C, H, W) as a PNG grid (save_grid), clips (N, C, F, H, W) as an animated GIF (save_gif)."""
+    (save_gif if x.ndim == 5 else save_grid)(x, path, nrow=nrow)
+
+
+def samples_to_uint8(x):
+    """Images -> uint8 (N, H, W, C), clips -> uint8 (N, F, H, W, C): what sample --npz stores as arr_0."""
+    return (clips_to_uint8 if np.ndim(x) == 5 else to_uint8_nhwc)(x)
 
 
 def save_npz(path, **arrays):

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .cli import nonnegative_int, unit_interval
 from .layers import (
     adaln_backward, adaln_forward, attend_backward, attend_forward, chunks, gated_residual_backward,
     gated_residual_forward, gelu_backward, gelu_forward, linear_backward, linear_forward, merge_heads, qkv_backward,
@@ -60,14 +61,14 @@ MAX_SUBNETWORKS = 8  # cut sub-networks the sampler keeps at once (see DynamicDi
 @dataclasses.dataclass(frozen=True)
 class DynamicDiTSpec(DiTSpec):
     """A DiTSpec plus what is dynamic ("width" or "depth")."""
-    dynamic: str = "width"
+    dynamic: str = "width"  # in DYNAMIC
 
     kind = "dydit"
 
-    @classmethod
-    def from_dit(cls, spec, dynamic):
-        """The Dynamic DiT of a DiTSpec."""
-        return cls(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTSpec)}, dynamic=dynamic)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dynamic not in DYNAMIC:
+            raise ValueError(f"unknown dynamic mode {self.dynamic!r}; choose one of: {', '.join(DYNAMIC)}")
 
     def dense(self):
         """The DiTSpec of the same network without routers (the weights it shares with its parent)."""
@@ -209,37 +210,59 @@ class DynamicDiT(DiT):
     """A DiT with timestep routers (module docstring). Same calls as DiT:
 
         model = DynamicDiT("mini/8", input_size=16, in_channels=1, num_classes=10, dynamic="width")
-        model.load_state_dict(parent_weights, strict=False)   # the routers keep their all-on initial values
+        model.load_parent(parent_weights)                      # the routers keep their all-on initial values
         out, cache = model.forward(x, t, y, train=True)       # gates per sample, from t
         grads = model.backward(dout, cache)                    # routers included (straight-through)
         loss, ratio, grads = model.flops_loss(t, 0.5)          # DyDiT's FLOPs target, to add to the step's grads
         model.forward(x, t, y, cache=False)                    # one t for the batch: the sliced sub-network
     """
 
-    def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy", block="adaln-zero",
-                 dynamic="width"):
-        if dynamic not in DYNAMIC:
-            raise ValueError(f"unknown dynamic mode {dynamic!r}; choose one of: {', '.join(DYNAMIC)}")
-        self.dynamic = dynamic
+    Spec = DynamicDiTSpec
+    OPTIONS = ("dynamic", "target_ratio", "target_warmup")
+    dynamic = property(lambda self: self.spec.dynamic)  # "width" or "depth"
+
+    def __init__(self, spec=None, *, seed=0, dtype=np.float32, backend="numpy", **fields):
         self._lock = threading.Lock()
         self.forget_subnetworks()
-        super().__init__(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, seed=seed,
-                         dtype=dtype, backend=backend, block=block)
-        self.spec = DynamicDiTSpec.from_dit(self.spec, dynamic)
+        super().__init__(spec, seed=seed, dtype=dtype, backend=backend, **fields)
         # the FLOPs each gate switches, as a fraction of the blocks' dense MACs: r_n = sum(gates * weights)
         attn, mlp, blocks = self.block_parts()
         H, L = self.num_heads, self.depth
-        if dynamic == "width":
+        if self.spec.dynamic == "width":
             self.gate_weights = (attn / H / blocks, mlp / H / blocks)  # per head gate, per group gate
         else:
             self.gate_weights = (1 / L,)
 
+    # -- the command line ------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
-        s = DynamicDiTSpec.of(spec)
-        return cls(s.variant, s.input_size, s.in_channels, s.num_classes, s.learn_sigma, s.class_dropout_prob,
-                   seed=seed, dtype=dtype, backend=backend, block=s.block, dynamic=s.dynamic)
+    def add_options(cls, ap):
+        ap.add_argument("--dynamic", choices=DYNAMIC, default=None,
+                        help="make the DiT a Dynamic DiT (minidit.dynamic): timestep routers switch attention heads and "
+                             "MLP channel groups (width, DyDiT) or whole blocks (depth); usually with --finetune")
+        ap.add_argument("--target-ratio", type=unit_interval, default=0.5,
+                        help="--dynamic: the FLOPs ratio lambda the routers are trained towards (DyDiT: 0.7, 0.5)")
+        ap.add_argument("--target-warmup", type=nonnegative_int, default=200,
+                        help="--dynamic: steps over which the target goes linearly from 1 to --target-ratio")
+
+    @classmethod
+    def chosen_by(cls, args):
+        return args.model == DiT.CLI_NAME and args.dynamic is not None
+
+    @classmethod
+    def spec_from_options(cls, args, data):
+        return dataclasses.replace(super().spec_from_options(args, data), dynamic=args.dynamic)
+
+    @staticmethod
+    def target_at(step, args):
+        """lambda at `step`: from 1 down to --target-ratio over the run's first --target-warmup steps."""
+        warmup = min(1.0, (step + 1) / args.target_warmup if args.target_warmup else 1.0)
+        return 1.0 - (1.0 - args.target_ratio) * warmup
+
+    def extra_loss(self, t, step, args):
+        """DyDiT's FLOPs target at this step's lambda (flops_loss); logs the batch's mean FLOPs ratio and lambda."""
+        target = self.target_at(step, args)
+        _, ratio, grads = self.flops_loss(t, target)
+        return grads, {"flops_ratio": ratio, "flops_target": target}
 
     # -- parameters ------------------------------------------------------------------------------
     def router_names(self, i):
@@ -264,12 +287,13 @@ class DynamicDiT(DiT):
                 params[r + "bias"][...] = ROUTER_BIAS
         return params
 
-    def load_state_dict(self, state, strict=True):
-        """As Model.load_state_dict; strict=False loads a parent DiT's weights, keeping the routers as they are."""
-        if not strict:
-            state = {**{k: v for k, v in self.params.items() if "_router." in k}, **state}
+    def load_state_dict(self, state):
         super().load_state_dict(state)
         self.forget_subnetworks()
+
+    def load_parent(self, state):
+        """A parent DiT's weights; the routers keep their all-on start, so the fine-tune begins exactly at the parent."""
+        self.load_state_dict({**{k: v for k, v in self.params.items() if "_router." in k}, **state})
 
     def using(self, params):
         view = super().using(params)
@@ -280,7 +304,7 @@ class DynamicDiT(DiT):
     def block_parts(self):
         """MACs per image of one block's attention (every head), MLP (every group), and the whole block with its adaLN
         regression: DyDiT's FLOPs ratio counts the first two for width, whole blocks for depth."""
-        cfg, T, D = self.config, self.num_patches, self.config.hidden_size
+        cfg, T, D = self.config, self.spec.num_patches, self.config.hidden_size
         mlp = 2 * T * D * int(D * cfg.mlp_ratio)
         attn = block_macs(cfg, T) - mlp
         if self.dynamic == "width":

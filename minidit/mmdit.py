@@ -66,7 +66,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_backend
 from .layers import (
     FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, attend_backward, attend_forward, chunks,
     gated_residual_backward, gated_residual_forward, linear_backward, linear_forward, merge_heads, mlp_backward,
@@ -74,14 +73,15 @@ from .layers import (
     rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward, timestep_embedder_forward,
     unpatchify_backward, unpatchify_grid,
 )
-from .params import Model, named, take
+from .contract import Model, Spec, check_array
+from .params import named, take
 from .xp import get_xp
 
 QK_NORMS = (None, "rms_norm")
 
 
 @dataclasses.dataclass(frozen=True)
-class MMDiTSpec:
+class MMDiTSpec(Spec):
     """Every argument of diffusers' SD3Transformer2DModel, under its config.json name and with its default (the
     defaults describe no released checkpoint; SD3-medium is num_layers=24, num_attention_heads=24,
     caption_projection_dim=1536, pos_embed_max_size=192). `MMDiTSpec.of(config)` reads a config.json dict."""
@@ -137,20 +137,10 @@ class MMDiTSpec:
             raise ValueError(f"out_channels must be a positive integer or None, got {self.out_channels!r}")
 
     @classmethod
-    def of(cls, spec=None, **overrides):
-        """An MMDiTSpec from an MMDiTSpec, a checkpoint's to_dict(), or a diffusers config (config.json, or a model's
-        .config: keys starting with "_" are diffusers' bookkeeping and ignored); fields overridden by name."""
-        if spec is None:
-            spec = cls()
-        elif isinstance(spec, dict):
-            fields = {k: v for k, v in spec.items() if k != "kind" and not k.startswith("_")}
-            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown SD3Transformer2DModel config keys: {', '.join(unknown)}")
-            spec = cls(**fields)
-        elif not isinstance(spec, cls):
-            raise TypeError(f"an MMDiTSpec, or a dict of its fields, expected; got {type(spec).__name__}")
-        return dataclasses.replace(spec, **overrides) if overrides else spec
+    def from_dict(cls, d):
+        """A checkpoint's to_dict(), or a diffusers config (config.json, or a model's .config: keys starting with "_"
+        are diffusers' bookkeeping and ignored)."""
+        return super().from_dict({k: v for k, v in d.items() if not k.startswith("_")})
 
     @property
     def inner_dim(self):
@@ -161,12 +151,6 @@ class MMDiTSpec:
     def out_dim(self):
         """The output channels (out_channels, or in_channels when it is None)."""
         return self.in_channels if self.out_channels is None else self.out_channels
-
-    def to_dict(self):
-        """JSON-able: every field (diffusers' config names) and "kind"."""
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return {"kind": self.kind, **d}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,60 +498,47 @@ class MMDiT(Model):
         model.load_state_dict(from_diffusers_state_dict(sd3.state_dict()))
     """
 
+    Spec = MMDiTSpec
     FROZEN = (POS,)  # a persistent buffer in diffusers: in the state_dict, never trained
-
-    def __init__(self, spec=None, seed=0, dtype=np.float32, backend="numpy", **fields):
-        self.spec = s = MMDiTSpec.of(spec, **fields)
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-        self.dtype = np.dtype(dtype)
-        self.xp = get_backend(backend)
-        self.patch_size, self.in_channels, self.out_channels = s.patch_size, s.in_channels, s.out_dim
-        self.num_layers, self.num_heads, self.hidden_size = s.num_layers, s.num_attention_heads, s.inner_dim
-        self.pos_embed_max_size, self.qk_norm = s.pos_embed_max_size, s.qk_norm
-        self.place(init_params(s, seed))
-
-    @classmethod
-    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
-        return cls(MMDiTSpec.of(spec), seed=seed, dtype=dtype, backend=backend)
+    DATA = ()  # it reads text-encoder outputs: minidit.captions.CaptionMMDiT is the one the commands train
+    LEARNS_SIGMA = False
+    learn_sigma = False
+    condition_dropout_prob = 0.0  # SD3's transformer drops no condition: its text encoders' caller does
 
     def param_shapes(self):
         return param_shapes(self.spec)
 
+    def init_params(self, seed):
+        return init_params(self.spec, seed)
+
+    def check_conditions(self, y):
+        """minidit.sample has no conditions for it: it reads a text encoder's outputs."""
+        raise ValueError("an MMDiT reads a text encoder's outputs (context, pooled), not class labels: call "
+                         "MMDiT.forward(x, t, context, pooled) directly, or train a CaptionMMDiT (--model mmdit)")
+
+    def conditions(self, *args, **kwargs):
+        self.check_conditions(None)
+
     # -- forward / backward ----------------------------------------------------------------------
     def check_inputs(self, x, t, context, pooled):
         """Clear errors for inputs of the wrong shape, dtype or backend (before any deep traceback)."""
-        s, p, M = self.spec, self.patch_size, self.pos_embed_max_size
-        if getattr(x, "ndim", None) != 4 or x.shape[1] != s.in_channels:
-            raise ValueError(f"x must have shape (N, {s.in_channels}, H, W), got {tuple(getattr(x, 'shape', ()))}")
+        s = self.spec
+        p, M = s.patch_size, s.pos_embed_max_size
+        check_array("x", x, ("N", s.in_channels, "H", "W"), self)
         N, _, H, W = x.shape
         if H % p or W % p or not (p <= H <= M * p and p <= W <= M * p):
             raise ValueError(f"x's height and width must be multiples of the patch size {p} between {p} and "
                              f"pos_embed_max_size * patch_size = {M * p}, got {H} x {W}")
-        if getattr(t, "shape", None) != (N,):
-            raise ValueError(f"t must have shape ({N},) (one timestep per image), got {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype.kind not in "iuf":
-            raise TypeError(f"t must be an integer or float array, got {t.dtype}")
-        if getattr(context, "ndim", None) != 3 or context.shape[0] != N or context.shape[2] != s.joint_attention_dim \
-                or context.shape[1] < 1:
-            raise ValueError(f"context must have shape ({N}, L, {s.joint_attention_dim}) with L >= 1 text tokens, got "
-                             f"{tuple(getattr(context, 'shape', ()))}")
-        if getattr(pooled, "shape", None) != (N, s.pooled_projection_dim):
-            raise ValueError(f"pooled must have shape ({N}, {s.pooled_projection_dim}), got "
-                             f"{tuple(getattr(pooled, 'shape', ()))}")
-        for name, a in (("x", x), ("context", context), ("pooled", pooled)):
-            if a.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {a.dtype} but the model is {self.dtype}; cast it with "
-                                f"{name}.astype(np.{self.dtype})")
-        for name, a in (("x", x), ("t", t), ("context", context), ("pooled", pooled)):
-            if get_xp(a) is not self.xp:
-                raise TypeError(f"{name} is a {type(a).__module__} array but the model lives on "
-                                f"{self.xp.__name__}; move inputs with minidit.xp.to_device")
+        check_array("t", t, (N,), self, kinds="iuf", what=" (one timestep per image)")
+        check_array("context", context, (N, "L", s.joint_attention_dim), self, what=" (L >= 1 text tokens)")
+        if context.shape[1] < 1:
+            raise ValueError(f"context must hold at least one text token, got {tuple(context.shape)}")
+        check_array("pooled", pooled, (N, s.pooled_projection_dim), self)
 
     def pos_embed_crop(self, h, w):
         """The centre h x w crop of the M x M table (diffusers' cropped_pos_embed): (1, h*w, D), rows
         top = (M - h) // 2 on, columns left = (M - w) // 2 on, row-major."""
-        M, D = self.pos_embed_max_size, self.hidden_size
+        M, D = self.spec.pos_embed_max_size, self.spec.inner_dim
         top, left = (M - h) // 2, (M - w) // 2
         table = self.params[POS].reshape(1, M, M, D)
         return table[:, top:top + h, left:left + w].reshape(1, h * w, D)
@@ -579,7 +550,8 @@ class MMDiT(Model):
         `train` is accepted for the Model protocol and changes nothing (SD3's transformer has no dropout).
         cache=False (sampling): no activations kept for a backward pass; the returned cache is None."""
         self.check_inputs(x, t, context, pooled)
-        P, p = self.params, self.patch_size
+        P, s = self.params, self.spec
+        p = s.patch_size
         gh, gw = x.shape[2] // p, x.shape[3] // p
         h, patch_cache = patch_embed_forward(x, *take(P, "", PATCH), p)  # (N, T, D)
         h += self.pos_embed_crop(gh, gw)
@@ -589,16 +561,16 @@ class MMDiT(Model):
         c_act, c_silu = silu_forward(temb + pemb)
         ctx, ctx_cache = linear_forward(context, *take(P, "", CONTEXT))  # (N, L, D)
         blocks = []
-        for i in range(self.num_layers):
-            h, ctx, block_cache = block_forward(h, ctx, c_act, P, f"transformer_blocks.{i}.", self.num_heads,
-                                                self.qk_norm, pre_only=i == self.num_layers - 1)
+        for i in range(s.num_layers):
+            h, ctx, block_cache = block_forward(h, ctx, c_act, P, f"transformer_blocks.{i}.", s.num_attention_heads,
+                                                s.qk_norm, pre_only=i == s.num_layers - 1)
             if cache:
                 blocks.append(block_cache)
         mod, mod_cache = linear_forward(c_act, *take(P, "norm_out.linear.", LINEAR))  # (N, 2D)
         scale, shift = chunks(mod, 2)  # AdaLayerNormContinuous: [scale | shift], not DiT's [shift | scale]
         h, norm_cache = adaln_forward(h, shift, scale)
         h, proj_cache = linear_forward(h, *take(P, "proj_out.", LINEAR))  # (N, T, p*p*C_out)
-        out = unpatchify_grid(h, p, self.out_channels, gh, gw)
+        out = unpatchify_grid(h, p, s.out_dim, gh, gw)
         if not cache:
             return out, None
         return out, MMDiTCache(patch_cache, t_cache, text_cache, c_silu, ctx_cache, blocks, mod_cache, norm_cache,
@@ -609,14 +581,14 @@ class MMDiT(Model):
         (with return_dx=True: (grads, dict(x=dx, context=dcontext, pooled=dpooled))). release=True drops each block's
         activations from `cache` once its backward is done, as DiT.backward does; the cache cannot be used again."""
         xp, grads = self.xp, {}
-        dh = unpatchify_backward(dout, self.patch_size)
+        dh = unpatchify_backward(dout, self.spec.patch_size)
         dh, *d = linear_backward(dh, cache.proj_out)
         grads.update(named("proj_out.", LINEAR, d))
         dh, dshift, dscale = adaln_backward(dh, cache.norm_out)
         dc_act, *d = linear_backward(xp.concatenate([dscale, dshift], axis=1), cache.norm_out_modulation)
         grads.update(named("norm_out.linear.", LINEAR, d))
         dctx = None  # the last block's text output is discarded
-        for i in reversed(range(self.num_layers)):
+        for i in reversed(range(self.spec.num_layers)):
             dh, dctx, dc_i = block_backward(dh, dctx, cache.blocks[i], f"transformer_blocks.{i}.", grads)
             if release:
                 cache.blocks[i] = None

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .backend import get_backend
 from .layers import (
     FREQ_DIM, adaln_backward, adaln_forward, attention_backward, attention_forward, chunks, embedding_backward,
     embedding_forward, final_layer_backward, final_layer_forward, gated_residual_backward, gated_residual_forward,
@@ -28,7 +27,8 @@ from .layers import (
     patch_embed_forward, silu_backward, silu_forward, timestep_embedder_backward, timestep_embedder_forward,
     unpatchify, unpatchify_backward,
 )
-from .params import Model, named, take, xavier_uniform
+from .contract import Model, Spec, check_array
+from .params import named, take, xavier_uniform
 from .xp import get_xp
 
 
@@ -68,31 +68,29 @@ def get_config(variant) -> DiTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTSpec:
+class DiTSpec(Spec):
     """Every argument that decides a DiT's parameters: stored in each checkpoint, so that one loader rebuilds the
-    model (nanoGPT's `GPT(GPTConfig(**checkpoint['model_args']))`). `block` is "adaln-zero" for DiT itself; the
-    other designs of the paper are minidit.conditioning's."""
-    variant: Any = "S/2"  # a name in VARIANTS ("DiT-" prefix optional) or a DiTConfig
+    model (nanoGPT's `GPT(GPTConfig(**checkpoint['model_args']))`)."""
+    variant: Any = "S/2"  # a name in VARIANTS ("DiT-" prefix optional) or a DiTConfig (a dict of its fields in JSON)
     input_size: int = 32  # image or latent side H = W
     in_channels: int = 4
     num_classes: int = 1000
     learn_sigma: bool = True  # output 2C channels: noise and the variance interpolation
     class_dropout_prob: float = 0.1  # > 0 adds the null class that guidance uses
-    block: str = "adaln-zero"
 
     kind = "dit"  # the model family, as checkpoints name it (a class attribute, not a field)
 
-    @classmethod
-    def of(cls, spec, **overrides):
-        """A DiTSpec from a DiTSpec, a variant name or DiTConfig, or a checkpoint's dict; fields overridden by name."""
-        if isinstance(spec, dict):
-            fields = {k: v for k, v in spec.items() if k != "kind"}
-            if isinstance(fields.get("variant"), dict):  # a custom size, stored as its DiTConfig fields
-                fields["variant"] = DiTConfig(**fields["variant"])
-            spec = cls(**fields)
-        elif not isinstance(spec, cls):
-            spec = cls(variant=spec)
-        return dataclasses.replace(spec, **overrides) if overrides else spec
+    def __post_init__(self):
+        variant = DiTConfig(**self.variant) if isinstance(self.variant, dict) else self.variant
+        object.__setattr__(self, "variant", variant if isinstance(variant, DiTConfig) else str(variant))
+        cfg = self.config  # an unknown variant name: a clear error here
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"hidden size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+        if cfg.hidden_size % 4:
+            raise ValueError(f"hidden size {cfg.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
+        if self.input_size % cfg.patch_size:
+            raise ValueError(f"input size {self.input_size} is not divisible by the patch size {cfg.patch_size}; "
+                             f"use an input size that is a multiple of {cfg.patch_size} or another variant")
 
     @property
     def config(self) -> DiTConfig:
@@ -105,16 +103,6 @@ class DiTSpec:
     @property
     def num_patches(self):
         return (self.input_size // self.config.patch_size) ** 2
-
-    def to_dict(self):
-        """JSON-able: the fields, the variant as its name (or a DiTConfig's fields), and "kind"."""
-        d = dataclasses.asdict(self)
-        d["variant"] = self.variant if not isinstance(self.variant, DiTConfig) else dataclasses.asdict(self.variant)
-        return {"kind": self.kind, **d}
-
-
-# The paper's four ways of feeding t and y to the blocks (Table 4): DiT is the first, minidit.conditioning the rest.
-BLOCK_TYPES = ("adaln-zero", "adaln", "cross-attention", "in-context")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,53 +275,24 @@ class DiTCache(NamedTuple):
 class DiT(Model):
     """Diffusion Transformer with the official parameter names, shapes, initialisation and forward.
 
-        model = DiT("S/2", input_size=32, in_channels=4, num_classes=1000, seed=0)
+        model = DiT(DiTSpec("S/2", input_size=32, in_channels=4, num_classes=1000), seed=0)
+        model = DiT("S/2", input_size=32, in_channels=4, num_classes=1000, seed=0)   # the same
         out, cache = model.forward(x, t, y, train=False)   # (N, C, H, W), (N,), (N,) -> (N, 2C, H, W)
         grads = model.backward(dout, cache)                # name -> gradient, every trainable parameter
-        DiT.from_spec(model.spec)                          # the same model again (what checkpoints do)
 
     On a multi-core CPU, minidit.threads.ShardedDiT runs the same two calls on shards of the batch at once.
     """
 
+    Spec = DiTSpec
     FROZEN = ("pos_embed",)  # a frozen Parameter in the official model: in the state_dict, never trained
-    BLOCKS = ("adaln-zero",)  # the designs this class builds
+    CLI_NAME = "dit"
 
-    def __init__(self, variant="S/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-                 class_dropout_prob=0.1, seed=0, dtype=np.float32, backend="numpy", block="adaln-zero"):
-        if block not in BLOCK_TYPES:
-            raise ValueError(f"unknown block type {block!r}; choose one of: {', '.join(BLOCK_TYPES)}")
-        if block not in self.BLOCKS:
-            raise ValueError(f"{type(self).__name__} builds {', '.join(self.BLOCKS)}, not {block!r}: "
-                             + ("DiT itself is minidit.model.DiT" if block == "adaln-zero" else
-                                "the paper's other designs are minidit.conditioning.ConditioningDiT"))
-        variant = variant if isinstance(variant, DiTConfig) else str(variant)
-        self.spec = spec = DiTSpec(variant, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob,
-                                   block)
-        cfg = spec.config
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
-        if cfg.hidden_size % 4:
-            raise ValueError(f"hidden size {cfg.hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
-        if input_size % cfg.patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by the patch size {cfg.patch_size}; "
-                             f"use an input size that is a multiple of {cfg.patch_size} or another variant")
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-        self.variant, self.block, self.config = variant, block, cfg
-        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
-        self.learn_sigma, self.class_dropout_prob = learn_sigma, class_dropout_prob
-        self.out_channels, self.num_patches = spec.out_channels, spec.num_patches
-        self.patch_size, self.num_heads, self.depth = cfg.patch_size, cfg.num_heads, cfg.depth
-        self.dtype = np.dtype(dtype)
-        self.xp = get_backend(backend)
-        self.rng = np.random.default_rng(seed)  # label dropout when forward(train=True) gets no rng
-        self.place(self.init_params(seed))
-
-    @classmethod
-    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
-        s = DiTSpec.of(spec)
-        return cls(s.variant, s.input_size, s.in_channels, s.num_classes, s.learn_sigma, s.class_dropout_prob,
-                   seed=seed, dtype=dtype, backend=backend, block=s.block)
+    # views on the spec that every forward reads
+    config = property(lambda self: self.spec.config)
+    depth = property(lambda self: self.spec.config.depth)
+    num_heads = property(lambda self: self.spec.config.num_heads)
+    patch_size = property(lambda self: self.spec.config.patch_size)
+    out_channels = property(lambda self: self.spec.out_channels)
 
     # -- parameters ------------------------------------------------------------------------------
     def param_shapes(self):
@@ -346,57 +305,42 @@ class DiT(Model):
         """Forward multiply-accumulates per image, in billions (the paper's "Gflops")."""
         return forward_macs(self.spec) / 1e9
 
+    def describe(self):
+        return f"{type(self).__name__} {self.spec.variant}"
+
+    @classmethod
+    def spec_from_options(cls, args, data):
+        return cls.Spec(variant=args.variant, input_size=data.image_size, in_channels=data.channels,
+                        num_classes=data.num_classes, learn_sigma=args.learn_sigma,
+                        class_dropout_prob=args.class_dropout_prob)
+
     # -- forward / backward ----------------------------------------------------------------------
     def check_inputs(self, x, t, y):
-        """Clear errors for inputs of the wrong shape, dtype or range (before any deep traceback)."""
-        S, C = self.input_size, self.in_channels
-        if getattr(x, "ndim", None) != 4 or tuple(x.shape[1:]) != (C, S, S):
-            raise ValueError(f"x must have shape (N, {C}, {S}, {S}) for this model, got "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model is {self.dtype}; cast it with "
-                            f"x.astype(np.{self.dtype})")
+        """Clear errors for inputs of the wrong shape, dtype, backend or range (before any deep traceback)."""
+        s = self.spec
+        check_array("x", x, ("N", s.in_channels, s.input_size, s.input_size), self)
         N = x.shape[0]
-        for name, a, kinds in (("t", t, "iuf"), ("y", y, "iu")):
-            if getattr(a, "shape", None) != (N,):
-                raise ValueError(f"{name} must have shape ({N},) (one per image), got {tuple(getattr(a, 'shape', ()))}")
-            if a.dtype.kind not in kinds:
-                raise TypeError(f"{name} must be an {'integer' if kinds == 'iu' else 'integer or float'} array, "
-                                f"got {a.dtype}")
-        for name, a in (("x", x), ("t", t), ("y", y)):
-            if get_xp(a) is not self.xp:
-                raise TypeError(f"{name} is a {type(a).__module__} array but the model lives on "
-                                f"{self.xp.__name__}; move inputs with minidit.xp.to_device")
+        check_array("t", t, (N,), self, kinds="iuf")
+        check_array("y", y, (N,), self, kinds="iu")
         if self.xp is np and N:  # value checks read the data: done on the host only, never a device sync
-            top = self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
+            top = s.num_classes + (1 if s.class_dropout_prob > 0 else 0)
             if y.min() < 0 or y.max() >= top:
-                raise ValueError(f"labels must lie in [0, {top - 1}] ({self.num_classes} classes"
-                                 + (f", {self.num_classes} = the null class" if top > self.num_classes else "")
+                raise ValueError(f"labels must lie in [0, {top - 1}] ({s.num_classes} classes"
+                                 + (f", {s.num_classes} = the null class" if top > s.num_classes else "")
                                  + f"), got min {y.min()} max {y.max()}")
             if t.min() < 0:
                 raise ValueError(f"timesteps must be >= 0, got {t.min()}")
-
-    def label_dropout(self, n, rng=None):
-        """The training-time label dropout of n samples: (n,) bool on the host, True = replaced by the null class,
-        each with probability class_dropout_prob, drawn from `rng` (a numpy Generator; the model's own if None).
-        None when the model has no dropout."""
-        if self.class_dropout_prob <= 0:
-            return None
-        return (rng or self.rng).random(n) < self.class_dropout_prob
 
     def embed(self, x, t, y, train, force_drop_ids, rng):
         """What every design does first. Returns the patch tokens (N, T, D) + pos_embed, the timestep and label
         embeddings (N, D) each, and the three caches.
 
-        train=True applies label dropout (labels replaced by the null class num_classes with probability
-        class_dropout_prob, drawn from `rng`); force_drop_ids (N,) of 0/1 drops exactly those labels, as the official
-        code does for guidance."""
+        Label dropout (Model.drop_condition): train=True replaces each label by the null class num_classes with
+        probability class_dropout_prob, drawn from `rng`; force_drop_ids (N,) of 0/1 drops exactly those labels, as
+        the official code does for guidance."""
         self.check_inputs(x, t, y)
-        P, xp = self.params, self.xp
-        if force_drop_ids is None and train:
-            force_drop_ids = self.label_dropout(x.shape[0], rng)
-        if force_drop_ids is not None:
-            y = xp.where(xp.asarray(force_drop_ids) == 1, self.num_classes, y)
+        P = self.params
+        y = self.drop_condition(y, train, force_drop_ids, rng)
         h, patch_cache = patch_embed_forward(x, *take(P, "", PATCH), self.patch_size)
         h += P["pos_embed"]  # (N, T, D)
         temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))  # (N, D)

@@ -1,22 +1,17 @@
-"""Parameters as one flat dict named like the official checkpoint (picoGPT's trick), and what every model does with it.
+"""Parameters as one flat dict named like the official checkpoint (picoGPT's trick).
 
     P["blocks.3.attn.qkv.weight"]                       # Linear weights stored (out, in), as PyTorch does
     w, b = take(P, "blocks.3.attn.qkv.", "weight bias")
     grads.update(named("blocks.3.attn.qkv.", "weight bias", (dw, db)))
 
 Loading an official checkpoint, comparing against a reference and naming a gradient in an error message are all
-dictionary operations. `Model` is the protocol the commands (train, sample, bench, checkpoint) rely on: a model has
-`spec` (every constructor argument, stored in checkpoints), `params`, `forward(x, t, ..., train) -> (out, cache)`,
-`backward(dout, cache) -> grads`, `state_dict` / `load_state_dict` (strict), and a parameter count.
+dictionary operations. What a model does with its dict (state_dict, load_state_dict, counts) is minidit.contract.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
-
-from .xp import to_backend, to_device
 
 
 def take(P, prefix, names):
@@ -54,50 +49,4 @@ def xavier_uniform(rng, shape):
     fan_out, fan_in = shape[0], int(np.prod(shape[1:]))
     a = math.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-a, a, size=shape)
-
-
-class Model:
-    """What every minidit model shares: a flat parameter dict on one backend, strict state loading, views on other
-    weights. A subclass sets `spec`, `dtype`, `xp` and `params` in its constructor and defines `param_shapes()`,
-    `forward` and `backward`; FROZEN names parameters that are stored but never trained."""
-
-    FROZEN: tuple = ()
-
-    def param_shapes(self):  # pragma: no cover - every model defines it
-        raise NotImplementedError
-
-    def using(self, params):
-        """This model reading another parameter dict (shared, not copied), e.g. the EMA weights."""
-        view = copy.copy(self)
-        view.params = params
-        return view
-
-    def trainable(self):
-        """Names of the parameters that receive gradients, in the official order."""
-        return [k for k in self.params if k not in self.FROZEN]
-
-    def num_params(self, trainable_only=False):
-        return sum(math.prod(s) for k, s in self.param_shapes().items()
-                   if not (trainable_only and k in self.FROZEN))
-
-    def state_dict(self):
-        """name -> array (the model's own arrays, not copies), official names and shapes."""
-        return dict(self.params)
-
-    def load_state_dict(self, state):
-        """Strict load: every key present, none extra, every shape equal; values copied in place (cast to the model's
-        dtype and backend), so arrays held by an optimizer stay valid."""
-        shapes = self.param_shapes()
-        check_keys(state, shapes, f"state dict does not match {self.describe()} (build the model with the spec the "
-                                  f"checkpoint was trained with)", shapes)
-        for k, v in state.items():
-            self.params[k][...] = to_backend(v, self.xp, self.dtype)
-
-    def describe(self):
-        """One line naming the model and its spec, for messages."""
-        return f"{type(self).__name__}({self.spec})"
-
-    def place(self, host_params):
-        """Host float64 initial values -> self.params in the model's dtype, on its backend."""
-        self.params = {k: to_device(v.astype(self.dtype), self.xp) for k, v in host_params.items()}
 

@@ -7,6 +7,7 @@ Classifier-free guidance runs the conditional and the null-class batch through o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -21,10 +22,11 @@ from .xp import make_rng, to_device, to_numpy
 
 def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler=None, eta=0.0, seed=0,
              guide_channels=None, clip_denoised=False, progress=True, threads=None, frames=None, size=None):
-    """Sample one image per label with `model` (its current params). Returns host float32 (N, C, H, W), or for a
-    video model (minidit.video) clips (N, C, F, H, W) of `frames` frames of size x size (default: its spec's).
-    For a caption model (minidit.captions.CaptionMMDiT) the labels are token ids (N, L), and guidance's null
-    condition is its all-padding caption (model.null_condition).
+    """Sample one image per condition with `model` (its current params). Returns host float32 samples of
+    model.sample_shape(N, frames, size): images (N, C, H, W), or for a video model (minidit.video) clips
+    (N, C, F, H, W) of `frames` frames of size x size (default: its spec's). The conditions are what the model reads
+    (model.check_conditions): class labels (N,), or a caption model's token ids (N, L); guidance's null condition is
+    model.null_condition (the null class, or the all-padding caption).
 
     objective: what the model was trained with (a checkpoint says: checkpoint.load); None: the official DDPM with
     the model's learn_sigma. It samples in num_sampling_steps steps with `sampler`, one of objective.SAMPLERS
@@ -38,32 +40,17 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     threads: a NumPy model runs the batch in shards on this many CPU threads (minidit.threads; None: every core).
     """
     xp = model.xp
-    labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
-    null = getattr(model, "null_condition", None)  # a caption model's all-padding token ids; DiT: the null class
-    if null is not None:  # labels are token ids (N, L) (minidit.captions.tokenize_all)
-        if labels.ndim != 2 or labels.shape[0] == 0:
-            raise ValueError("give at least one prompt (token ids of shape (N, L))")
-    else:
-        if labels.ndim != 1 or labels.size == 0:
-            raise ValueError("give at least one class label")
-        if labels.min() < 0 or labels.max() >= model.num_classes:
-            raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}], got {labels.tolist()}")
-        null = model.num_classes
+    labels = np.asarray(to_numpy(labels))  # host or device conditions: checked on the host
+    model.check_conditions(labels)
     if objective is None:
         objective = Diffusion("", learn_sigma=model.learn_sigma)
     sampler = objective.SAMPLERS[0] if sampler is None else sampler
     if sampler not in objective.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(objective.SAMPLERS)}")
     process = objective.for_sampling(num_sampling_steps)
-    side = size or model.input_size
-    shape = (len(labels), model.in_channels, side, side)
-    if hasattr(model, "num_frames"):  # a video model: clips, channels first
-        shape = (len(labels), model.in_channels, frames or model.num_frames, side, side)
-        model.check_shape(*shape[2:])
-    elif frames is not None or size is not None:
-        raise ValueError("--frames and --size are for a video model (--model video)")
+    shape = model.sample_shape(len(labels), frames, size)
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
-    y = to_device(labels, xp)
+    y = to_device(labels.astype(np.int64), xp)
 
     net, _ = data_parallel(model, threads)
 
@@ -71,14 +58,14 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
         return net.forward(x, t, y, cache=False)[0]
 
     if cfg_scale != 1.0:
-        if model.class_dropout_prob <= 0:
-            raise ValueError("guidance needs the null class: this model was trained with class_dropout_prob 0; "
-                             "use --cfg-scale 1")
+        if model.condition_dropout_prob <= 0:
+            raise ValueError("guidance needs the null condition: this model was trained without condition dropout "
+                             "(class_dropout_prob 0); use --cfg-scale 1")
         channels = model.in_channels if guide_channels is None else int(guide_channels)
         if not 1 <= channels <= model.in_channels:
             raise ValueError(f"--guide-channels {channels}: this model has {model.in_channels} noise channels; guide "
                              f"between 1 and {model.in_channels} of them")
-        model_fn = cfg_model_fn(forward, y, null, cfg_scale, guide_channels=channels)
+        model_fn = cfg_model_fn(forward, y, model.null_condition, cfg_scale, guide_channels=channels)
     else:
         def model_fn(x, t):
             return forward(x, t, y)
@@ -156,63 +143,45 @@ def parse_args(argv=None):
 
 def sample(args):
     """The command: every output path and size checked before the model runs, then sample, decode, write."""
-    from .captions import prompt_digit, tokenize_all
     from .checkpoint import load  # imported here: the CLI needs it, the library function does not
-    from .data import clips_to_uint8, save_gif, save_grid, save_npz, to_uint8_nhwc
+    from .data import sample_file, samples_to_uint8, save_npz, save_samples
 
     output_file(args.out, (".png", ".gif"), "--out")  # which of the two: known once the model is
     output_file(args.npz, (".npz",), "--npz")
     if args.vae is not None and not os.path.isfile(args.vae):
         raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
     model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
-    video = hasattr(model, "num_frames")
-    args.out = args.out or ("sample.gif" if video else "sample.png")
-    if args.out.lower().endswith(".gif") != video:
-        raise ValueError(f"--out {args.out!r}: " + ("a video model writes an animated .gif" if video else
+    y, labels = model.conditions(args.class_labels, args.prompt, args.per_class, labelled=bool(args.npz))
+    shape = model.sample_shape(len(y), args.frames, args.size)  # an impossible --frames or --size: an error here
+    suffix = sample_file("", len(shape))  # .png for images, .gif for clips
+    args.out = args.out or "sample" + suffix
+    if not args.out.lower().endswith(suffix):
+        raise ValueError(f"--out {args.out!r}: " + ("a video model writes an animated .gif" if suffix == ".gif" else
                                                      "an image model writes a .png grid (a .gif is for clips)"))
-    if video and args.vae:
-        raise ValueError("--vae decodes image latents; this is a video model on pixels")
+    if args.vae and len(shape) != 4:
+        raise ValueError("--vae decodes image latents; this model makes clips")
     if args.shift is not None:
         if not isinstance(objective, RectifiedFlow):
             raise ValueError("--shift is for rectified-flow models; this checkpoint was trained with DDPM")
         objective.shift = args.shift
     vae = load_vae_for(model, args.vae, backend=args.backend) if args.vae else None
-    captioned = getattr(model, "null_condition", None) is not None
-    if captioned and args.class_labels is not None:
-        raise ValueError("this model reads text prompts: give --prompt TEXT (e.g. --prompt 'a large 3'), not "
-                         "--class-labels")
-    if not captioned and args.prompt:
-        raise ValueError("--prompt is for a model trained on captions (--model mmdit --data digits-captions); this "
-                         "checkpoint's model takes --class-labels")
-    prompts = None
-    if captioned:
-        prompts = [p for p in (args.prompt or [f"a {d}" for d in range(10)]) for _ in range(args.per_class)]
-        tokens = tokenize_all(prompts, model.max_length)  # an unknown word or a long prompt: a clear error here
-        digits = [prompt_digit(p) for p in prompts] if args.npz else None  # the labels evaluate reads
-        labels = [str(p) for p in prompts]
-    else:
-        labels = args.class_labels
-        if labels is None:
-            labels = [c for c in range(model.num_classes) for _ in range(args.per_class)]
-    side = (args.size or model.input_size) * (8 if args.vae else 1)
-    need = len(labels) * max(model.in_channels, 3 if args.vae else 0) * side * side * 4 * (
-        (args.frames or model.num_frames) if video else 1)
+    pixels = math.prod(shape[2:]) * (64 if vae else 1)  # per channel of one sample: the VAE decodes 8x larger
+    need = len(y) * max(shape[1], 3 if vae else 0) * pixels * 4
     if need > MAX_SAMPLE_BYTES:
-        raise ValueError(f"{len(labels)} images of {side} x {side} need {need / 2**30:.1f} GiB in one call; sample "
+        raise ValueError(f"{len(y)} samples of shape {shape[1:]} need {need / 2**30:.1f} GiB in one call; sample "
                          f"fewer at a time (--class-labels or --per-class) with different --seed values")
-    images = generate(model, tokens if captioned else labels, objective=objective, cfg_scale=args.cfg_scale,
+    images = generate(model, y, objective=objective, cfg_scale=args.cfg_scale,
                       num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                       guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads,
                       frames=args.frames, size=args.size)
     if vae is not None:
         images = decode_latents(images, vae)
     nrow = args.nrow or (args.per_class if args.class_labels is None and (args.prompt is None or args.per_class > 1)
-                         else min(len(labels), 8))
-    (save_gif if video else save_grid)(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(labels)} {'clips' if video else 'images'})")
+                         else min(len(y), 8))
+    save_samples(images, args.out, nrow=nrow)
+    print(f"wrote {args.out} ({len(y)} {'clips' if images.ndim == 5 else 'images'})")
     if args.npz:
-        save_npz(args.npz, arr_0=(clips_to_uint8 if video else to_uint8_nhwc)(images), labels=np.asarray(digits if captioned else labels,
-                                                                           dtype=np.int64))
+        save_npz(args.npz, arr_0=samples_to_uint8(images), labels=np.asarray(labels, dtype=np.int64))
         print(f"wrote {args.npz}")
 
 

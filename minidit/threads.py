@@ -124,8 +124,9 @@ class ShardedDiT:
         out, cache = net.forward(x_t, t, y, train=True, rng=rng)   # as model.forward, same results
         grads = net.backward(dout, cache)                          # as model.backward
 
-    Label dropout is drawn once for the whole batch, exactly as DiT.forward draws it, so a seed gives the same
-    labels whatever the number of threads. The parameters are the model's (shared, read only).
+    Condition dropout is drawn once for the whole batch (the model's condition_dropout, as its forward draws it), so a
+    seed gives the same conditions whatever the number of threads. The parameters are the model's (shared, read
+    only).
     """
 
     def __init__(self, model, threads=None):
@@ -139,12 +140,12 @@ class ShardedDiT:
     def forward(self, x, t, *conds, train=False, force_drop_ids=None, rng=None, cache=True):
         """As the model's forward: (out (N, C_out, H, W), cache), the cache holding each shard's (None when
         cache=False). conds: the conditions, each cut along its first (batch) axis like x: DiT's labels y, an
-        MM-DiT's context and pooled. Condition dropout (train=True) is drawn for the whole batch when the model has
-        label_dropout, and given to the shards as force_drop_ids."""
+        MM-DiT's context and pooled. Condition dropout (train=True) is drawn for the whole batch and given to the
+        shards as force_drop_ids."""
         m = self.model
         m.check_inputs(x, t, *conds)  # on the whole batch, so that errors name its shapes
-        if force_drop_ids is None and train and hasattr(m, "label_dropout"):
-            force_drop_ids = m.label_dropout(x.shape[0], rng)
+        if force_drop_ids is None and train:
+            force_drop_ids = m.condition_dropout(x.shape[0], rng)
         shards = batch_shards(x.shape[0], self.threads)
         drop = None if force_drop_ids is None else np.asarray(force_drop_ids)
 

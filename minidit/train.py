@@ -45,24 +45,22 @@ except ImportError:  # pragma: no cover - Windows: no lock
     fcntl = None
 
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
-from .captions import CaptionMMDiTSpec, tokenize_all
-from .checkpoint import CKPT_NAME, build_model, checkpoint_file, load_model, read, read_training, save_training
+from . import models
+from .checkpoint import CKPT_NAME, checkpoint_file, load_model, read, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
-from .data import load_dataset, save_gif, save_grid
+from .data import BUILT_IN, load_dataset, sample_file, save_samples
 from .diffusion import Diffusion
 from .distributed import MODES as DISTRIBUTED_MODES, World, abort_on_error, init as init_distributed
-from .dynamic import DYNAMIC, DynamicDiTSpec
-from .video import ATTENTION, VideoDiTSpec
 from .flow import TIME_SAMPLING, RectifiedFlow
-from .model import BLOCK_TYPES, DiTSpec, get_config
+from .model import get_config
 from .optim import EMA, AdamW
 from .sample import generate
 from .threads import data_parallel
 from .xp import to_device, to_numpy
 
 
-def parse_args(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(prog="python -m minidit.train", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--backend", choices=BACKENDS, default="numpy",
@@ -71,19 +69,13 @@ def parse_args(argv=None):
     ap.add_argument("--variant", default="mini/8",
                     help="S/2 ... XL/8 (official), or mini/2, mini/4, mini/8 (small, for CPUs; the default mini/8 sees a "
                          "16 px digit as 4 tokens of 8 x 8 pixels)")
-    ap.add_argument("--model", choices=MODELS, default="dit",
-                    help="dit: DiT, class labels; mmdit: SD3's MM-DiT reading text prompts through minidit's tiny "
-                         "text encoder (--data digits-captions), sized from --variant (depth, heads of hidden/heads, "
-                         "patch)")
+    ap.add_argument("--model", choices=models.CLI_NAMES, default="dit",
+                    help="dit: DiT, class labels; video: the video DiT (--data digits-clips); mmdit: SD3's MM-DiT "
+                         "reading text prompts through minidit's tiny text encoder (--data digits-captions), sized "
+                         "from --variant (depth, heads of hidden/heads, patch)")
     ap.add_argument("--frames", type=positive_int, nargs="+", default=None,
                     help="--data digits-clips: the frame counts to train on, one per batch (bucketing; default: the "
                          "clips' 16)")
-    ap.add_argument("--temporal-patch", type=positive_int, default=1,
-                    help="--model video: frames per token (pt of the 3-D patches)")
-    ap.add_argument("--attention", choices=ATTENTION, default="factorised",
-                    help="--model video: factorised (spatial and temporal blocks in turn, Latte) or full 3-D attention")
-    ap.add_argument("--text-dim", type=positive_int, default=64,
-                    help="mmdit: the width E of the learned token embeddings")
     ap.add_argument("--data", default="digits",
                     help="'digits' (built in, generated on first use), 'digits-captions' (the same with captions "
                          "read off the renderer, for --model mmdit), a folder with one sub-folder per class, "
@@ -104,8 +96,6 @@ def parse_args(argv=None):
     ap.add_argument("--ema-decay", type=unit_interval, default=0.9999, help="EMA decay (paper: 0.9999)")
     ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="use decay min(ema_decay, (1+n)/(10+n)) at update n, so a short run's EMA is usable")
-    ap.add_argument("--block", choices=BLOCK_TYPES, default="adaln-zero",
-                    help="how t and the class reach the blocks: the paper's four designs (Table 4)")
     ap.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for guidance")
     ap.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
                     help="ddpm: DiT's Gaussian diffusion (MSE + VLB); flow: rectified flow, SD3's objective (velocity "
@@ -139,20 +129,26 @@ def parse_args(argv=None):
     ap.add_argument("--finetune", default=None, metavar="PARENT",
                     help="start from a trained run's EMA weights (a checkpoint or run directory) with a fresh optimizer; "
                          "the model and data options are taken from it")
-    ap.add_argument("--dynamic", choices=DYNAMIC, default=None,
-                    help="make the DiT a Dynamic DiT (minidit.dynamic): timestep routers switch attention heads and "
-                         "MLP channel groups (width, DyDiT) or whole blocks (depth); usually with --finetune")
-    ap.add_argument("--target-ratio", type=unit_interval, default=0.5,
-                    help="--dynamic: the FLOPs ratio lambda the routers are trained towards (DyDiT: 0.7, 0.5)")
-    ap.add_argument("--target-warmup", type=nonnegative_int, default=200,
-                    help="--dynamic: steps over which the target goes linearly from 1 to --target-ratio")
+    models.add_options(ap)  # each kind's own: --block, --dynamic, --temporal-patch, --text-dim, ...
+    return ap
+
+
+def parse_args(argv=None):
+    """(args, explicit): the options, and the names of those the user gave."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.image_size is not None and len(args.image_size) == 1:
-        args.image_size = args.image_size[0]  # one size is a number (as saved before sizes were buckets)
+        args.image_size = args.image_size[0]  # one size is stored as a number, several as a list (the buckets)
     for action in ap._actions:  # parse again without defaults: which options did the user give?
         action.default = argparse.SUPPRESS
     explicit = set(vars(ap.parse_args(argv)))
     return args, explicit
+
+
+def changed_options(args, explicit):
+    """The options the user gave with another value than their default."""
+    ap = build_parser()
+    return {a for a in explicit if getattr(args, a) != ap.get_default(a)}
 
 
 # options that may change when a run is resumed; every other option is taken from the checkpoint
@@ -165,16 +161,14 @@ PARENT_OPTIONS = ("variant", "model", "text_dim", "data", "image_size", "channel
                   "objective", "time_sampling", "learn_sigma", "seed")
 
 OBJECTIVES = ("ddpm", "flow")
-MODELS = ("dit", "mmdit", "video")
-CAPTIONED = ("digits-captions",)  # the datasets whose y is caption token ids
 
 
-def make_objective(args):
+def make_objective(args, model_class):
     """The objective the options describe (and resolve learn_sigma, which depends on it, once: it is saved)."""
     if args.learn_sigma is None:
-        args.learn_sigma = args.objective == "ddpm" and args.model == "dit"
-    if args.learn_sigma and args.model != "dit":
-        raise ValueError("--learn-sigma is for --model dit: the MM-DiT predicts the noise or the velocity alone")
+        args.learn_sigma = args.objective == "ddpm" and model_class.LEARNS_SIGMA
+    if args.learn_sigma and not model_class.LEARNS_SIGMA:
+        raise ValueError(f"--learn-sigma: a {model_class.__name__} predicts the noise or the velocity alone")
     if args.objective == "flow":
         if args.learn_sigma:
             raise ValueError("--learn-sigma is for --objective ddpm: rectified flow predicts the velocity alone")
@@ -182,46 +176,14 @@ def make_objective(args):
     return Diffusion("", learn_sigma=args.learn_sigma)
 
 
-def model_spec(args, data):
-    """The spec (checkpoint.build_model's input) of the model the options describe, sized to the data.
-    --model mmdit: a CaptionMMDiT with the variant's depth, heads (of hidden / heads each) and patch."""
-    if (args.model == "video") != (data.kind == "clips"):
-        raise ValueError("--model video makes clips: train it on --data digits-clips" if args.model == "video"
-                         else f"--data {args.data} holds clips: train them with --model video")
-    if args.model == "video":
-        if args.dynamic:
-            raise ValueError("--dynamic makes a DiT dynamic, not a video DiT: use --model dit")
-        p, pt = get_config(args.variant).patch_size, args.temporal_patch
-        if bad := [s for s in data.sizes if s % p]:
-            raise ValueError(f"--variant {args.variant}: patch {p} does not divide the frame size "
-                             f"{' '.join(map(str, bad))}; choose sizes that are multiples of {p}")
-        if bad := [f for f in data.frames if f % pt]:
-            raise ValueError(f"--temporal-patch {pt} does not divide the frame count {' '.join(map(str, bad))}; "
-                             f"choose --frames that are multiples of {pt}")
-        return VideoDiTSpec(args.variant, max(data.frames), data.image_size, data.channels, data.num_classes,
-                            args.learn_sigma, args.class_dropout_prob, args.temporal_patch, args.attention).to_dict()
-    if (args.model == "mmdit") != (data.kind in CAPTIONED):
-        raise ValueError("--model mmdit reads captions: train it on --data digits-captions" if args.model == "mmdit"
-                         else f"--data {args.data} has captions, not class labels: train it with --model mmdit")
-    if args.model == "mmdit":
-        cfg = get_config(args.variant)
-        if data.image_size % cfg.patch_size:
-            raise ValueError(f"--variant {args.variant}: patch {cfg.patch_size} does not divide the image size "
-                             f"{data.image_size}")
-        if args.dynamic:
-            raise ValueError("--dynamic makes a DiT dynamic, not an MM-DiT: use --model dit")
-        return CaptionMMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
-                                num_layers=cfg.depth, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                                num_attention_heads=cfg.num_heads,
-                                pos_embed_max_size=data.image_size // cfg.patch_size, embed_dim=args.text_dim,
-                                caption_dropout_prob=args.class_dropout_prob).to_dict()
-    spec = DiTSpec(args.variant, data.image_size, data.channels, data.num_classes, args.learn_sigma,
-                   args.class_dropout_prob, args.block)
-    if args.dynamic:
-        if args.block != "adaln-zero":
-            raise ValueError(f"--dynamic routes DiT's adaLN-Zero blocks, not --block {args.block}")
-        spec = DynamicDiTSpec.from_dit(spec, args.dynamic)
-    return spec.to_dict()
+def model_spec(model_class, args, data):
+    """The spec of the model the options describe (its kind's spec_from_options), checked against the data."""
+    if data.kind not in model_class.DATA:
+        fits = [c for c in models.MODELS if data.kind in c.DATA and c.CLI_NAME]
+        raise ValueError(f"--model {args.model} trains a {model_class.__name__} on {' or '.join(model_class.DATA)} "
+                         f"data; --data {args.data} is {data.kind} data"
+                         + (f": train it with --model {fits[0].CLI_NAME}" if fits else ""))
+    return model_class.spec_from_options(args, data)
 
 
 class Run:
@@ -229,23 +191,20 @@ class Run:
     (minidit.distributed; one process by default); `save` / `load` are the checkpoint round trip
     (minidit.checkpoint)."""
 
-    def __init__(self, args, world=None):
+    def __init__(self, args, world=None, changed=frozenset()):
         self.args = args
         self.world = world or World()
         self.xp = get_backend(args.backend)
         get_config(args.variant)  # fail early on an unknown variant
+        model_class = models.choose(args, changed)
         if args.image_size is None:  # resolved once and saved, like the learning rate below
-            args.image_size = 16 if args.data in ("digits", "digits-clips", *CAPTIONED) else 32
+            args.image_size = 16 if args.data in BUILT_IN else 32
         self.data = load_dataset(args.data, image_size=args.image_size, seed=args.seed, channels=args.channels,
                                  frames=args.frames)
-        self.objective = make_objective(args)
-        self.model = build_model(model_spec(args, self.data), seed=args.seed, backend=args.backend)
+        self.objective = make_objective(args, model_class)
+        self.model = model_class(model_spec(model_class, args, self.data), seed=args.seed, backend=args.backend)
         if args.finetune and not args.resume:  # the parent's EMA weights (a resumed fine-tune has its own)
-            parent = load_model(args.finetune).params
-            if args.dynamic:  # the routers keep their all-on start: the model begins as its parent
-                self.model.load_state_dict(parent, strict=False)
-            else:
-                self.model.load_state_dict(parent)
+            self.model.load_parent(load_model(args.finetune).params)
         if args.lr is None:  # resolved once and saved, so a resumed run keeps it
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: this rank's shard in shards, one thread each (minidit.threads); the optimizer uses the same threads
@@ -253,18 +212,13 @@ class Run:
         self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
         self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
         self.step = 0
-        self.ratios = []  # --dynamic: the FLOPs ratio of each step since the last log line
+        self.logged = []  # the model's extra_loss figures of each step since the last log line
         if args.epochs is not None:
             self.total_steps = args.epochs * self.data.steps_per_epoch(args.batch_size)
         else:
             self.total_steps = args.steps
             self.data.steps_per_epoch(args.batch_size)  # fails early if the batch is larger than the data
         self.shard = self.world.shard(args.batch_size)  # this rank's samples of every batch (one process: all)
-
-    def target_ratio(self, step):
-        """--dynamic: lambda at `step`, from 1 down to --target-ratio over the --target-warmup steps of this run."""
-        a = self.args
-        return 1.0 - (1.0 - a.target_ratio) * min(1.0, (step + 1) / a.target_warmup if a.target_warmup else 1.0)
 
     def train_step(self, step):
         """One step; returns the mean loss of the (global) batch as a 0-d array on the backend (not synchronised).
@@ -276,10 +230,10 @@ class Run:
         rng = np.random.default_rng([self.args.seed, step, 3])  # t, noise and label dropout of this step
         t = self.objective.sample_t(B, rng)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
-        drop = self.model.label_dropout(B, rng)  # (B,) or None, drawn for the whole batch as ShardedDiT draws it
+        drop = self.model.condition_dropout(B, rng)  # (B,) or None, drawn for the whole batch
         s = self.shard
         x0, y, noise = (to_device(a[s], xp) for a in (x0, y, noise))
-        t_all = to_device(t, xp)  # the batch's timesteps: DyDiT's FLOPs target below reads them all
+        t_all = to_device(t, xp)  # the batch's timesteps: the model's extra loss below reads them all
         t = t_all[s]
         x_t = self.objective.q_sample(x0, t, noise)
         out, cache = self.net.forward(x_t, self.objective.model_time(t), y, train=True,
@@ -289,11 +243,12 @@ class Run:
         grads = self.net.backward(dout * share, cache, release=True)  # release: activations freed as grads fill
         grads = self.world.sum({**grads, "loss": loss * share})  # the batch's gradients and loss, on every rank
         loss = grads.pop("loss")
-        if self.args.dynamic:  # DyDiT's FLOPs target, a function of the batch's timesteps alone (minidit.dynamic)
-            _, ratio, flops_grads = self.model.flops_loss(self.objective.model_time(t_all), self.target_ratio(step))
-            for name, g in flops_grads.items():
+        extra = self.model.extra_loss(self.objective.model_time(t_all), step, self.args)
+        if extra is not None:  # e.g. Dynamic DiT's FLOPs target: a function of the batch's timesteps alone
+            extra_grads, figures = extra
+            for name, g in extra_grads.items():
                 grads[name] += g
-            self.ratios.append(ratio)
+            self.logged.append(figures)
         self.opt.step(self.model.params, grads)
         self.ema.update(self.model.params)
         return loss
@@ -319,22 +274,7 @@ def resolve_resume(args, explicit):
     """--resume PATH: the run's options come from its checkpoint; only RESUME_OVERRIDES may be changed."""
     path = checkpoint_file(args.resume)
     _, meta = read_training(path)
-    saved = dict(meta["args"])
-    saved.setdefault("block", "adaln-zero")  # written before --block existed
-    saved.setdefault("final_samples", True)
-    saved.setdefault("threads", None)
-    saved.setdefault("objective", "ddpm")  # written before --objective existed
-    saved.setdefault("time_sampling", "logit-normal")
-    saved.setdefault("model", "dit")  # written before --model existed
-    saved.setdefault("text_dim", 64)
-    saved.setdefault("frames", None)  # written before --model video existed
-    saved.setdefault("temporal_patch", 1)
-    saved.setdefault("attention", "factorised")
-    saved.setdefault("finetune", None)  # written before --finetune and --dynamic existed
-    saved.setdefault("dynamic", None)
-    saved.setdefault("target_ratio", 0.5)
-    saved.setdefault("target_warmup", 200)
-    saved.setdefault("distributed", "auto")  # written before --distributed existed
+    saved = dict(meta["args"])  # an older run's: checkpoint.upgrade filled in the options added since
     clash = [a for a in explicit - set(RESUME_OVERRIDES) - {"resume"} if getattr(args, a) != saved.get(a)]
     if clash:
         raise ValueError(f"--resume continues the run as it was configured; these options differ from the "
@@ -352,15 +292,9 @@ def resolve_finetune(args, explicit):
     checkpoint has no data options: those stay as given)."""
     path = checkpoint_file(args.finetune)
     _, meta = read(path)
-    spec = meta["model"]
-    if spec.get("kind") != "dit":
-        raise ValueError(f"--finetune {args.finetune}: its model is a {spec.get('kind')!r}; fine-tuning starts from a "
-                         f"DiT (a minidit.train run or a converted official checkpoint)")
-    saved = dict(meta.get("args") or {})
-    saved.setdefault("variant", spec["variant"])
-    saved.setdefault("block", spec.get("block", "adaln-zero"))
-    saved.setdefault("class_dropout_prob", spec["class_dropout_prob"])
-    saved.setdefault("learn_sigma", spec["learn_sigma"])
+    # a training run's options; converted weights have none: their spec's fields that are options (the variant,
+    # dropout, learn_sigma) stand in for them
+    saved = dict(meta.get("args") or {k: v for k, v in meta["model"].items() if k in PARENT_OPTIONS})
     saved.setdefault("objective", meta["objective"]["kind"])
     for name in PARENT_OPTIONS:
         if name not in saved:
@@ -420,28 +354,26 @@ def keep_metrics_up_to(path, step):
         f.writelines(kept)
 
 
-def write_grid(run, path, progress=False):
-    """An EMA sample grid, one row per class (a caption model: per digit d, the prompt "a d"); rank 0 draws it."""
+def write_grid(run, stem, progress=False):
+    """An EMA sample grid, one row per class (the model's default conditions: a caption model's "a 0" ... "a 9"),
+    written to stem.png (clips: stem.gif) by rank 0; returns that path."""
     if not run.world.is_root:
-        return
+        return None
     model = run.model.using(run.ema.params)  # the EMA weights
-    n = run.data.num_classes
-    per_class = max(1, min(10, 100 // n))
-    labels = [c for c in range(n) for _ in range(per_class)]
-    if run.data.kind in CAPTIONED:
-        labels = tokenize_all([f"a {run.data.class_names[c]}" for c in labels])
-    images = generate(model, labels, objective=run.objective, cfg_scale=run.args.cfg_scale,
+    per_class = max(1, min(10, 100 // run.data.num_classes))
+    y, _ = model.conditions(per_class=per_class)
+    images = generate(model, y, objective=run.objective, cfg_scale=run.args.cfg_scale,
                       num_sampling_steps=run.args.sample_steps, seed=run.args.seed,
                       clip_denoised=run.data.kind != "latents", progress=progress, threads=run.threads)
-    if run.data.kind == "clips":
-        save_gif(images, path[:-len(".png")] + ".gif", nrow=per_class)
-    else:
-        save_grid(images, path, nrow=per_class)
+    path = sample_file(stem, images.ndim)
+    save_samples(images, path, nrow=per_class)
+    return path
 
 
 def train(args, explicit=frozenset()):
     """Run (or continue) training as `args` says; `explicit` = the option names the user gave. Under mpiexec every
     rank runs it (minidit.distributed), and rank 0 alone claims the run folder and writes into it."""
+    changed = changed_options(args, explicit)
     resume_path = None
     if args.resume:
         args, resume_path = resolve_resume(args, set(explicit))
@@ -451,7 +383,7 @@ def train(args, explicit=frozenset()):
     # rank 0 claims the run folder and holds its lock until this function returns, however it ends
     lock = claim_run_folder(args.out, resume_path) if world.is_root else None
     try:
-        run = Run(args, world)
+        run = Run(args, world, changed)
         if resume_path:
             run.load(resume_path)
             if run.step >= run.total_steps:
@@ -485,7 +417,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
     parallel = [f"{world.size} ranks"] if world.size > 1 else []
     if run.xp is np:
         parallel.append(f"{run.threads} thread{'s' if run.threads > 1 else ''}" + (" each" if parallel else ""))
-    log(f"{type(m).__name__} {m.variant}: {m.num_params():,} parameters "
+    log(f"{m.describe()}: {m.num_params():,} parameters "
         f"({m.num_params(trainable_only=True):,} trainable), {m.gmacs():.3f} GMACs/image; data {run.data}; "
         f"backend {args.backend}" + (f" ({', '.join(parallel)})" if parallel else ""))
     if resume_path:
@@ -529,13 +461,11 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 losses = read_window()
                 dt = time.perf_counter() - t_window
                 mean, rate = float(losses.mean()), len(losses) / dt
-                extra = {}
-                if run.ratios:  # --dynamic
-                    extra["flops_ratio"] = float(to_numpy(xp.stack(run.ratios)).mean())
-                    run.ratios = []
+                extra = {name: float(np.mean([to_numpy(f[name]) for f in run.logged])) for name in
+                         (run.logged[0] if run.logged else ())}  # the window's mean of each extra_loss figure
+                run.logged = []
                 log(f"(step={run.step:07d}) Train Loss: {mean:.4f}, Train Steps/Sec: {rate:.2f}"
-                    + (f", FLOPs ratio: {extra['flops_ratio']:.3f} (target {run.target_ratio(run.step - 1):.3f})"
-                       if extra else "")
+                    + "".join(f", {name}: {value:.3f}" for name, value in extra.items())
                     + (f"; {mem}" if (mem := memory_report(xp)) else ""))
                 metrics.write(json.dumps({"step": run.step, "loss": mean, "steps_per_sec": rate, **extra,
                                           "losses": losses.tolist(), "time": time.time()}) + "\n")
@@ -548,7 +478,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
                 run.save(ckpt_path)
                 saved_step = run.step
             if args.sample_every and run.step % args.sample_every == 0 and not end:
-                write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}.png"))
+                write_grid(run, os.path.join(args.out, f"samples_{run.step:07d}"))
         stopped = world.any(stop["requested"])
         if stopped and saved_step != run.step:  # Ctrl-C before the first step, or during a sample grid
             if window_losses:
@@ -562,9 +492,7 @@ def _loop(run, args, resume_path, ckpt_path, log_file, metrics):
         return run
     log(f"done: {run.step} steps; checkpoint {ckpt_path}")
     if args.final_samples:
-        grid = os.path.join(args.out, "samples.png")
-        write_grid(run, grid, progress=True)
-        grid = grid[:-len(".png")] + ".gif" if run.data.kind == "clips" else grid
+        grid = write_grid(run, os.path.join(args.out, "samples"), progress=True)
         log(f"EMA samples (cfg {args.cfg_scale}, {args.sample_steps} {run.objective.SAMPLERS[0]} steps): {grid}")
     return run
 

@@ -30,54 +30,40 @@ from .layers import (
     get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, linear_backward, linear_forward, silu_backward, silu_forward,
     timestep_embedder_backward, timestep_embedder_forward,
 )
+from .cli import positive_int
+from .contract import check_array
 from .model import (
-    EMBED_T, FINAL, LABELS, DiT, DiTConfig, attention_mlp_shapes, block_backward, block_forward, block_macs,
-    get_config, init_params, linear_shapes,
+    EMBED_T, FINAL, LABELS, DiT, DiTSpec, attention_mlp_shapes, block_backward, block_forward, block_macs,
+    embedder_shapes, get_config, linear_shapes,
 )
-from .params import Model, named, take
-from .backend import get_backend
+from .params import named, take
 from .xp import get_xp, to_device
 
 ATTENTION = ("factorised", "full")
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoDiTSpec:
-    """Every argument that decides a video DiT's parameters (stored in checkpoints, like DiTSpec). num_frames and
-    input_size are the default clip shape (for sampling); the weights take any other."""
-    variant: Any = "mini/4"  # depth, width, heads and spatial patch p, as DiT's variants
+class VideoDiTSpec(DiTSpec):
+    """A DiTSpec (the spatial patch p is the variant's) plus the clip's: num_frames and input_size are the default
+    clip shape (for sampling); the weights take any other."""
     num_frames: int = 8
-    input_size: int = 16
-    in_channels: int = 1
-    num_classes: int = 10
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
     temporal_patch: int = 1  # pt: frames per token
     attention: str = "factorised"  # or "full": every block over all the clip's tokens
 
     kind = "video-dit"
 
-    @classmethod
-    def of(cls, spec):
-        if isinstance(spec, cls):
-            return spec
-        fields = {k: v for k, v in spec.items() if k != "kind"}
-        if isinstance(fields.get("variant"), dict):
-            fields["variant"] = DiTConfig(**fields["variant"])
-        return cls(**fields)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of: {', '.join(ATTENTION)}")
+        self.check_clip(self.num_frames, self.input_size, self.input_size)
 
-    @property
-    def config(self):
-        return get_config(self.variant)
-
-    @property
-    def out_channels(self):
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["variant"] = self.variant if not isinstance(self.variant, DiTConfig) else dataclasses.asdict(self.variant)
-        return {"kind": self.kind, **d}
+    def check_clip(self, frames, height, width):
+        """A clear error for a clip shape that does not cut into pt x p x p patches."""
+        pt, p = self.temporal_patch, self.config.patch_size
+        if frames % pt or height % p or width % p or min(frames, height, width) < 1:
+            raise ValueError(f"a clip of {frames} frames of {height} x {width} does not cut into {pt} x {p} x {p} "
+                             f"patches: give a frame count divisible by {pt} and sizes divisible by {p}")
 
 
 def param_shapes(spec):
@@ -85,10 +71,9 @@ def param_shapes(spec):
     s = VideoDiTSpec.of(spec)
     cfg = s.config
     D, p, pt, C = cfg.hidden_size, cfg.patch_size, s.temporal_patch, s.in_channels
-    shapes = {"x_embedder.proj.weight": (D, C, pt, p, p), "x_embedder.proj.bias": (D,),
-              "t_embedder.mlp.0.weight": (D, FREQ_DIM), "t_embedder.mlp.0.bias": (D,),
-              "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
-              LABELS: (s.num_classes + (1 if s.class_dropout_prob > 0 else 0), D)}
+    shapes = embedder_shapes(s)
+    del shapes["pos_embed"]
+    shapes["x_embedder.proj.weight"] = (D, C, pt, p, p)
     for i in range(cfg.depth):
         shapes.update(attention_mlp_shapes(f"blocks.{i}.", cfg))
         shapes.update(linear_shapes(f"blocks.{i}.adaLN_modulation.1.", 6 * D, D))
@@ -169,7 +154,7 @@ class VideoCache(NamedTuple):
     final: Any
 
 
-class VideoDiT(Model):
+class VideoDiT(DiT):
     """The spatio-temporal DiT (module docstring), with DiT's calls:
 
         model = VideoDiT("mini/4", num_frames=8, input_size=16, in_channels=1, num_classes=10)
@@ -177,80 +162,72 @@ class VideoDiT(Model):
         grads = model.backward(dout, cache)
     """
 
-    def __init__(self, variant="mini/4", num_frames=8, input_size=16, in_channels=1, num_classes=10,
-                 learn_sigma=True, class_dropout_prob=0.1, temporal_patch=1, attention="factorised", seed=0,
-                 dtype=np.float32, backend="numpy"):
-        if attention not in ATTENTION:
-            raise ValueError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION)}")
-        variant = variant if isinstance(variant, DiTConfig) else str(variant)
-        self.spec = spec = VideoDiTSpec(variant, num_frames, input_size, in_channels, num_classes, learn_sigma,
-                                        class_dropout_prob, temporal_patch, attention)
-        cfg = spec.config
-        if cfg.hidden_size % cfg.num_heads or cfg.hidden_size % 4:
-            raise ValueError(f"hidden size {cfg.hidden_size} must be divisible by num_heads {cfg.num_heads} and by 4")
-        self.variant, self.config, self.attention = variant, cfg, attention
-        self.num_frames, self.input_size, self.in_channels = num_frames, input_size, in_channels
-        self.num_classes, self.learn_sigma, self.class_dropout_prob = num_classes, learn_sigma, class_dropout_prob
-        self.out_channels, self.temporal_patch = spec.out_channels, temporal_patch
-        self.patch_size, self.num_heads, self.depth = cfg.patch_size, cfg.num_heads, cfg.depth
-        self.check_shape(num_frames, input_size, input_size)
-        self.dtype = np.dtype(dtype)
-        self.xp = get_backend(backend)
-        self.rng = np.random.default_rng(seed)
-        self.place(init_params(self.param_shapes(), seed))
-
-    @classmethod
-    def from_spec(cls, spec, seed=0, dtype=np.float32, backend="numpy"):
-        s = VideoDiTSpec.of(spec)
-        return cls(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}, seed=seed, dtype=dtype,
-                   backend=backend)
+    Spec = VideoDiTSpec
+    FROZEN = ()
+    CLI_NAME = "video"
+    OPTIONS = ("temporal_patch", "attention")
+    DATA = ("clips",)
 
     def param_shapes(self):
         return param_shapes(self.spec)
 
-    def check_shape(self, frames, height, width):
-        pt, p = self.temporal_patch, self.patch_size
-        if frames % pt or height % p or width % p or min(frames, height, width) < 1:
-            raise ValueError(f"a clip of {frames} frames of {height} x {width} does not cut into {pt} x {p} x {p} "
-                             f"patches: give a frame count divisible by {pt} and sizes divisible by {p}")
-
     def gmacs(self, frames=None, size=None):
         """Forward multiply-accumulates per clip, in billions, at a clip shape (default: the spec's)."""
-        cfg, D, p, pt = self.config, self.config.hidden_size, self.patch_size, self.temporal_patch
-        f, S = (frames or self.num_frames) // pt, ((size or self.input_size) // p) ** 2
-        if self.attention == "full":
+        s, cfg, D, p = self.spec, self.config, self.config.hidden_size, self.patch_size
+        pt = s.temporal_patch
+        f, S = (frames or s.num_frames) // pt, ((size or s.input_size) // p) ** 2
+        if s.attention == "full":
             blocks = block_macs(cfg, f * S)
         else:  # per pair of blocks: f sequences of S tokens, S sequences of f tokens
             blocks = (f * block_macs(cfg, S) + S * block_macs(cfg, f)) / 2
-        rows = 1 if self.attention == "full" else (f + S) / 2  # the adaLN regression runs once per sequence
-        embed = f * S * self.in_channels * pt * p * p * D + FREQ_DIM * D + D * D
+        rows = 1 if s.attention == "full" else (f + S) / 2  # the adaLN regression runs once per sequence
+        embed = f * S * s.in_channels * pt * p * p * D + FREQ_DIM * D + D * D
         final = f * S * D * pt * p * p * self.out_channels + 2 * D * D
         return (embed + cfg.depth * (blocks + rows * 6 * D * D) + final) / 1e9
 
+    def sample_shape(self, n, frames=None, size=None):
+        """(n, C, F, H, W): clips of `frames` frames of size x size (default: the spec's num_frames, input_size)."""
+        s = self.spec
+        shape = (n, s.in_channels, frames or s.num_frames, size or s.input_size, size or s.input_size)
+        s.check_clip(*shape[2:])
+        return shape
+
+    # -- the command line ------------------------------------------------------------------------
+    @classmethod
+    def add_options(cls, ap):
+        ap.add_argument("--temporal-patch", type=positive_int, default=1,
+                        help="--model video: frames per token (pt of the 3-D patches)")
+        ap.add_argument("--attention", choices=ATTENTION, default="factorised",
+                        help="--model video: factorised (spatial and temporal blocks in turn, Latte) or full 3-D "
+                             "attention")
+
+    @classmethod
+    def spec_from_options(cls, args, data):
+        """Sized to the clips: the default clip is the longest of the frame buckets at the largest size."""
+        p, pt = get_config(args.variant).patch_size, args.temporal_patch
+        if bad := [s for s in data.sizes if s % p]:
+            raise ValueError(f"--variant {args.variant}: patch {p} does not divide the frame size "
+                             f"{' '.join(map(str, bad))}; choose sizes that are multiples of {p}")
+        if bad := [f for f in data.frames if f % pt]:
+            raise ValueError(f"--temporal-patch {pt} does not divide the frame count {' '.join(map(str, bad))}; "
+                             f"choose --frames that are multiples of {pt}")
+        return dataclasses.replace(super().spec_from_options(args, data), num_frames=max(data.frames),
+                                   temporal_patch=pt, attention=args.attention)
+
     # -- forward / backward ----------------------------------------------------------------------
     def check_inputs(self, x, t, y):
-        C = self.in_channels
-        if getattr(x, "ndim", None) != 5 or x.shape[1] != C:
-            raise ValueError(f"x must be a batch of clips (N, {C}, F, H, W), got {tuple(getattr(x, 'shape', ()))}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model is {self.dtype}")
-        self.check_shape(*x.shape[2:])
-        for name, a in (("t", t), ("y", y)):
-            if getattr(a, "shape", None) != (x.shape[0],):
-                raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(getattr(a, 'shape', ()))}")
-
-    label_dropout = DiT.label_dropout  # the same draw as DiT's (uses class_dropout_prob and rng only)
+        check_array("x", x, ("N", self.in_channels, "F", "H", "W"), self, what=" (a batch of clips)")
+        self.spec.check_clip(*x.shape[2:])
+        check_array("t", t, (x.shape[0],), self, kinds="iuf")
+        check_array("y", y, (x.shape[0],), self, kinds="iu")
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """x (N, C, F, H, W), t (N,), y (N,) -> (out (N, C_out, F, H, W), cache); label dropout as DiT.forward."""
         self.check_inputs(x, t, y)
-        P, xp, pt, p = self.params, self.xp, self.temporal_patch, self.patch_size
+        P, xp, pt, p = self.params, self.xp, self.spec.temporal_patch, self.patch_size
         N, _, F, H, W = x.shape
         f, h, w = F // pt, H // p, W // p
-        if force_drop_ids is None and train:
-            force_drop_ids = self.label_dropout(N, rng)
-        if force_drop_ids is not None:
-            y = xp.where(xp.asarray(force_drop_ids) == 1, self.num_classes, y)
+        y = self.drop_condition(y, train, force_drop_ids, rng)
         D = self.config.hidden_size
         tokens, patch_cache = linear_forward(patchify3d(x, pt, p), P["x_embedder.proj.weight"].reshape(D, -1),
                                              P["x_embedder.proj.bias"])  # (N, f, S, D)
@@ -262,7 +239,7 @@ class VideoDiT(Model):
         blocks = []
         for i in range(self.depth):
             prefix = f"blocks.{i}."
-            if self.attention == "full":
+            if self.spec.attention == "full":
                 seq, block_cache = block_forward(tokens.reshape(N, f * h * w, D), c_act, P, prefix, self.num_heads)
                 tokens = seq.reshape(N, f, h * w, D)
             elif i % 2 == 0:  # spatial
@@ -281,7 +258,7 @@ class VideoDiT(Model):
 
     def backward(self, dout, cache, return_dx=False, release=False):
         """dout (N, C_out, F, H, W) -> grads (and dx with return_dx), as DiT.backward."""
-        grads, xp, pt, p = {}, get_xp(dout), self.temporal_patch, self.patch_size
+        grads, xp, pt, p = {}, get_xp(dout), self.spec.temporal_patch, self.patch_size
         N, _, F, H, W = cache.shape
         f, S, D = F // pt, (H // p) * (W // p), self.config.hidden_size
         dseq, dc_act, *dfinal = final_layer_backward(unpatchify3d_backward(dout, pt, p), cache.final)
@@ -291,7 +268,7 @@ class VideoDiT(Model):
         dc_positions = xp.zeros((N * S, D), dtype=dout.dtype)  # and through the temporal blocks'
         for i in reversed(range(self.depth)):
             prefix = f"blocks.{i}."
-            if self.attention == "full":
+            if self.spec.attention == "full":
                 dseq, dc = block_backward(dtokens.reshape(N, f * S, D), cache.blocks[i], prefix, grads)
                 dc_act = dc_act + dc
                 dtokens = dseq.reshape(N, f, S, D)

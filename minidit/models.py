@@ -1,0 +1,57 @@
+"""Every kind of model minidit has, in one table; checkpoints and commands find a kind here and nowhere else.
+
+    KINDS["dit"]                        -> DiT           (a checkpoint's meta["model"]["kind"])
+    build({"kind": "dit", ...})         -> a DiT         (what a checkpoint's spec dict describes)
+    choose(args, explicit)              -> DiT           (what `python -m minidit.train`'s options ask for)
+
+A new kind is its module (a Spec, and a Model subclass that sets what differs from DiT's behaviour, its command-line
+options included) and one line in MODELS.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .captions import CaptionMMDiT
+from .conditioning import ConditioningDiT
+from .dynamic import DynamicDiT
+from .mmdit import MMDiT
+from .model import DiT
+from .video import VideoDiT
+
+MODELS = (DiT, ConditioningDiT, DynamicDiT, VideoDiT, MMDiT, CaptionMMDiT)
+KINDS = {cls.Spec.kind: cls for cls in MODELS}
+CLI_NAMES = tuple(cls.CLI_NAME for cls in MODELS if cls.CLI_NAME)  # train --model's choices
+
+
+def build(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
+    """The model a spec dict (Spec.to_dict: its "kind" and fields) describes, freshly initialised from `seed`.
+    An unknown kind or field is a ValueError that says so."""
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; this minidit builds {', '.join(KINDS)}")
+    cls = KINDS[kind]
+    return cls(cls.Spec.of(spec), seed=seed, dtype=dtype, backend=backend)
+
+
+def add_options(ap):
+    """Every kind's own command-line options, for minidit.train."""
+    for cls in MODELS:
+        cls.add_options(ap)
+
+
+def choose(args, changed=frozenset()):
+    """The kind minidit.train's options ask for: of the kinds whose chosen_by(args) holds, the most derived (--model dit
+    with --block adaln is a ConditioningDiT, a DiT refined). `changed`: the options the user set to other than their
+    defaults; one that belongs to another kind than the chosen one is an error rather than silently unused."""
+    chosen = [cls for cls in MODELS if cls.chosen_by(args)]
+    leaves = [cls for cls in chosen if not any(other is not cls and issubclass(other, cls) for other in chosen)]
+    if len(leaves) != 1:
+        raise ValueError(f"the options ask for {' and '.join(c.__name__ for c in leaves) or 'no model'}: "
+                         f"give one of --model {', '.join(CLI_NAMES)} and the options of that kind only")
+    cls = leaves[0]
+    for other in MODELS:
+        stray = [name for name in other.OPTIONS if name in changed and not issubclass(cls, other)]
+        if stray:
+            raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in stray)} is an option of "
+                             f"{other.__name__}; these options train a {cls.__name__}")
+    return cls
