@@ -251,31 +251,24 @@ CKPT_NAME = "checkpoint.npz"  # the file minidit.train keeps in its run director
 
 
 def upgrade(meta):
-    """The metadata of a checkpoint any earlier minidit wrote, in today's layout (FORMAT). The one place that knows
-    the older layouts, step by step:
+    """The metadata of a checkpoint an earlier minidit wrote, in today's layout (FORMAT); other metadata unchanged.
+    The one place that knows the older layouts:
 
-      minidit-train-1, minidit-converted-1  the model spec has no "kind" (a DiT), the objective is not stored (DDPM)
-      minidit-2   DiT's spec held the conditioning design as "block" (now ConditioningDiTSpec's, kind
-                  "dit-conditioning"; "adaln-zero" is DiT itself); a run's options lack those added since
+      minidit-train-1, minidit-converted-1  the objective is not stored (DDPM)
+      minidit-2 and before   the model spec in an older layout (minidit.models.upgrade_spec); a run's options lack
+                  those added since (OPTIONS_ADDED)
     """
     meta, version = dict(meta), meta.get("format")
-    if version in ("minidit-train-1", "minidit-converted-1") and isinstance(meta.get("model"), dict):
-        meta["model"] = {"kind": "dit", **meta["model"]}
+    if version not in ("minidit-train-1", "minidit-converted-1", "minidit-2"):
+        return meta
+    if isinstance(meta.get("model"), dict):  # the model's kind and fields: minidit.models knows the kinds
+        meta["model"] = models.upgrade_spec(meta["model"], version)
+    if version != "minidit-2":  # before the objective was stored, every model trained on DDPM
         meta["objective"] = {"kind": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000,
-                             "learn_sigma": bool(meta["model"].get("learn_sigma", True))}
-        version = "minidit-2"
-    if version == "minidit-2":
-        spec = meta.get("model")
-        if isinstance(spec, dict) and spec.get("kind") in ("dit", "dydit"):
-            spec = dict(spec)
-            block = spec.pop("block", "adaln-zero")
-            if block != "adaln-zero":
-                spec.update(kind="dit-conditioning", block=block)
-            meta["model"] = spec
-        if isinstance(meta.get("args"), dict):
-            meta["args"] = {**OPTIONS_ADDED, **meta["args"]}
-        version = FORMAT
-    meta["format"] = version
+                             "learn_sigma": bool(meta.get("model", {}).get("learn_sigma", True))}
+    if isinstance(meta.get("args"), dict):
+        meta["args"] = {**OPTIONS_ADDED, **meta["args"]}
+    meta["format"] = FORMAT
     return meta
 
 

@@ -35,20 +35,22 @@ class Spec:
     def of(cls, spec=None, **overrides):
         """A spec of this class from a spec, a dict as to_dict wrote it, or None (the defaults); fields overridden by
         name. A value of another type is the first field (a DiT's variant name, say)."""
-        if spec is None:
-            spec = cls()
-        elif isinstance(spec, dict):
-            spec = cls.from_dict(spec)
-        elif not isinstance(spec, cls):
-            spec = cls(spec)
         cls.check_fields(overrides)
-        return dataclasses.replace(spec, **overrides) if overrides else spec
+        if isinstance(spec, cls):
+            return dataclasses.replace(spec, **overrides) if overrides else spec
+        if spec is None:
+            fields = {}
+        elif isinstance(spec, dict):
+            fields = cls.dict_fields(spec)
+            cls.check_fields(fields)
+        else:
+            fields = {dataclasses.fields(cls)[0].name: spec}
+        return cls(**{**fields, **overrides})
 
     @classmethod
-    def from_dict(cls, d):
-        fields = {k: v for k, v in d.items() if k != "kind"}
-        cls.check_fields(fields)
-        return cls(**fields)
+    def dict_fields(cls, d):
+        """The fields of a dict as to_dict wrote it."""
+        return {k: v for k, v in d.items() if k != "kind"}
 
     @classmethod
     def check_fields(cls, names):
@@ -209,9 +211,11 @@ class Model:
             force_drop_ids = self.condition_dropout(y.shape[0], rng)
         if force_drop_ids is None:
             return y
-        xp = get_xp(y)
+        xp, null = get_xp(y), self.null_condition
+        if isinstance(null, np.ndarray):  # a condition with axes (a caption's token ids): moved to y's backend
+            null = xp.asarray(null, dtype=y.dtype)
         drop = (xp.asarray(force_drop_ids) == 1).reshape((-1,) + (1,) * (y.ndim - 1))  # broadcast over y's rows
-        return xp.where(drop, xp.asarray(self.null_condition, dtype=y.dtype), y)
+        return xp.where(drop, null, y)
 
     def check_conditions(self, y):
         """Clear errors for host conditions a sampler is given: class labels (N,) in [0, num_classes)."""

@@ -83,7 +83,7 @@ def infer_model(state):
     out_c = state["final_layer.linear.weight"].shape[0] // (p * p)
     return dict(variant=names[0], input_size=int(math.isqrt(T)) * p, in_channels=int(C),
                 num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,  # minus the null class
-                learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.1, block="adaln-zero")
+                learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.1)
 
 
 def convert(src, dst):

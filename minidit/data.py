@@ -322,7 +322,7 @@ class DigitClips(Dataset):
         rng = np.random.default_rng([seed, step, _BUCKET_STREAM])
         f = int(self.frames[rng.integers(len(self.frames))])
         start = rng.integers(0, self.num_frames - f + 1, size=batch_size)  # (B,)
-        # one size draws nothing, so a single-size run sees the batches it saw before sizes were buckets
+        # one size draws nothing: a single-size run's batches do not depend on the bucketing draw
         size = self.sizes[rng.integers(len(self.sizes))] if len(self.sizes) > 1 else self.sizes[0]
         window = start[:, None] + np.arange(f)  # (B, f)
         x = self.by_size[size][idx[:, None], 0, window]  # (B, f, S, S) uint8

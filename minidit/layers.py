@@ -409,6 +409,9 @@ def mlp_backward(dout, cache):
 # Patches. A p x p patch is flattened in (c, ph, pw) order, matching the Conv2d weight (D, C, p, p);
 # tokens are in row-major order (token n = row * w + col). The output side (unpatchify) uses the
 # official (p_row, p_col, c) order instead: channel fastest.
+# These reshuffles are permutations: their backward is the inverse permutation, which needs the shapes and no
+# activation, so the backward takes those shapes (p, and C, H, W where the gradient alone does not tell them) in
+# place of a cache that would hold only them.
 # ----------------------------------------------------------------------------------------------
 def patchify(x, p):
     """(N, C, H, W) -> (N, T, C*p*p), T = (H/p)(W/p)."""

@@ -137,10 +137,10 @@ class MMDiTSpec(Spec):
             raise ValueError(f"out_channels must be a positive integer or None, got {self.out_channels!r}")
 
     @classmethod
-    def from_dict(cls, d):
+    def dict_fields(cls, d):
         """A checkpoint's to_dict(), or a diffusers config (config.json, or a model's .config: keys starting with "_"
         are diffusers' bookkeeping and ignored)."""
-        return super().from_dict({k: v for k, v in d.items() if not k.startswith("_")})
+        return {k: v for k, v in super().dict_fields(d).items() if not k.startswith("_")}
 
     @property
     def inner_dim(self):

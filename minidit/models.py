@@ -33,6 +33,23 @@ def build(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
     return cls(cls.Spec.of(spec), seed=seed, dtype=dtype, backend=backend)
 
 
+def upgrade_spec(spec: dict, version: str) -> dict:
+    """A model spec as an older minidit wrote it (checkpoint.upgrade's `version`), in today's kinds and fields:
+
+      minidit-train-1, minidit-converted-1  no "kind": every model was a DiT
+      minidit-2   DiT's spec (and Dynamic DiT's) held the conditioning design as "block"; a design other than
+                  adaLN-Zero is now ConditioningDiTSpec's (kind "dit-conditioning"), adaLN-Zero is DiT itself
+    """
+    spec = dict(spec)
+    if version in ("minidit-train-1", "minidit-converted-1"):
+        spec = {"kind": DiT.Spec.kind, **spec}
+    if spec.get("kind") in (DiT.Spec.kind, DynamicDiT.Spec.kind):
+        block = spec.pop("block", "adaln-zero")
+        if block != "adaln-zero":
+            spec.update(kind=ConditioningDiT.Spec.kind, block=block)
+    return spec
+
+
 def add_options(ap):
     """Every kind's own command-line options, for minidit.train."""
     for cls in MODELS:

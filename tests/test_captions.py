@@ -192,8 +192,8 @@ def test_caption_dropout_is_the_all_padding_caption():
     dropped = model.forward(x, t, y, force_drop_ids=np.array([1, 0]), cache=False)[0]
     null = model.forward(x, t, np.stack([model.null_condition, y[1]]), cache=False)[0]
     assert np.array_equal(dropped, null)
-    assert model.label_dropout(1000, np.random.default_rng(0)).mean() == pytest.approx(0.1, abs=0.03)
-    with pytest.raises(ValueError, match=r"token ids of shape \(2, 5\)"):
+    assert model.condition_dropout(1000, np.random.default_rng(0)).mean() == pytest.approx(0.1, abs=0.03)
+    with pytest.raises(ValueError, match=r"y must have shape \(2, 5\) \(token ids"):
         model.forward(x, t, y[:, :3])
     with pytest.raises(ValueError, match="must lie in"):
         model.forward(x, t, y + 100)

@@ -208,10 +208,15 @@ def test_training_state_through_a_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- the format: specs and versions
-def tiny_spec(**kw):
+def tiny_spec(block="adaln-zero", **kw):
+    """DiT's spec, or the paper's other designs' (ConditioningDiTSpec) for another block."""
+    from minidit.conditioning import ConditioningDiTSpec
     from minidit.model import DiTConfig, DiTSpec
 
-    return DiTSpec(DiTConfig(2, 16, 2, 2), input_size=4, in_channels=1, num_classes=3, **kw)
+    fields = dict(input_size=4, in_channels=1, num_classes=3, **kw)
+    if block == "adaln-zero":
+        return DiTSpec(DiTConfig(2, 16, 2, 2), **fields)
+    return ConditioningDiTSpec(DiTConfig(2, 16, 2, 2), block=block, **fields)
 
 
 @pytest.mark.parametrize("block", ["adaln-zero", "in-context"])
@@ -246,9 +251,30 @@ def test_checkpoints_of_the_previous_format_still_load(tmp_path):
         np.testing.assert_array_equal(loaded.params[k], model.params[k])
 
 
+@pytest.mark.parametrize("kind, block", [("dit", "adaln-zero"), ("dit", "cross-attention"), ("dydit", "adaln-zero")])
+def test_minidit_2_checkpoints_load_with_the_design_in_its_own_spec(tmp_path, kind, block):
+    """minidit-2 stored the conditioning design as DiTSpec's "block" (and in DynamicDiTSpec's): upgrade() moves a
+    design other than adaLN-Zero into ConditioningDiTSpec (kind "dit-conditioning") and drops adaLN-Zero's."""
+    spec = tiny_spec(block)
+    if kind == "dydit":
+        from minidit.dynamic import DynamicDiTSpec
+
+        spec = DynamicDiTSpec.of(spec.to_dict(), dynamic="depth")
+    model = ckpt.build_model(spec.to_dict(), seed=2)
+    written = {**spec.to_dict(), "kind": kind, "block": block}  # as minidit-2 wrote it
+    save_checkpoint(tmp_path / "v2.npz", ckpt.add_prefix(model.params, "ema.params."),
+                    {"format": "minidit-2", "model": written, "objective": {"kind": "ddpm", "learn_sigma": True},
+                     "args": {"seed": 2}})
+    loaded, _, meta = ckpt.load(tmp_path / "v2.npz")
+    assert type(loaded) is type(model) and loaded.spec == spec and meta["format"] == ckpt.FORMAT
+    assert meta["args"]["dynamic"] is None and meta["args"]["seed"] == 2  # options added later: their defaults
+    for k in model.params:
+        np.testing.assert_array_equal(loaded.params[k], model.params[k])
+
+
 def test_unknown_format_and_kind_are_named(tmp_path):
     save_checkpoint(tmp_path / "v9.npz", {}, {"format": "minidit-9"})
-    with pytest.raises(CheckpointError, match="format 'minidit-9'.*reads 'minidit-2'"):
+    with pytest.raises(CheckpointError, match="format 'minidit-9'.*reads 'minidit-3'"):
         ckpt.load(tmp_path / "v9.npz")
     save_checkpoint(tmp_path / "k.npz", {"ema.params.x": np.zeros(1)},
                     {"format": ckpt.FORMAT, "model": {"kind": "unet"}, "objective": {"kind": "ddpm"}})

@@ -21,7 +21,7 @@ def random_official_state(seed=0):
 def test_infer_model_reads_the_shapes():
     meta = infer_model(random_official_state())
     assert meta == dict(variant="mini/4", input_size=8, in_channels=4, num_classes=10, learn_sigma=True,
-                        class_dropout_prob=0.1, block="adaln-zero")
+                        class_dropout_prob=0.1)
     xl = {k: np.empty(s, np.float32) for k, s in param_shapes(get_config("XL/2"), input_size=64).items()}
     assert infer_model(xl)["variant"] == "XL/2" and infer_model(xl)["input_size"] == 64  # DiT-XL-2-512x512.pt
     with pytest.raises(ValueError, match="no DiT variant has depth 6, hidden size 192 and patch size 3"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minidit import DiT, DiTConfig, DiTSpec, VARIANTS, forward_macs, get_config, param_shapes
-from minidit.conditioning import build
+from minidit.conditioning import ConditioningDiT
 from minidit.gradcheck import rel_error, sampled_errors
 
 # (total params, trainable, measured GMACs) at input 32, 4 channels, 1000 classes, learn_sigma: the official models.py
@@ -36,20 +36,21 @@ def test_xl2_at_512():
 
 
 def test_dit_is_adaln_zero_only_and_names_the_other_designs():
-    with pytest.raises(ValueError, match="unknown block type 'adaLN'.*adaln-zero, adaln, cross-attention, in-context"):
-        DiT("S/2", block="adaLN")
-    with pytest.raises(ValueError, match="ConditioningDiT"):
+    with pytest.raises(ValueError, match="DiTSpec has no field 'block'"):
         DiT("S/2", block="in-context")
+    with pytest.raises(ValueError, match="unknown block type 'adaLN'; choose one of: adaln, cross-attention, "
+                                         "in-context.*minidit.model.DiT"):
+        ConditioningDiT("S/2", block="adaLN")
 
 
 def test_spec_round_trip():
-    """The spec holds every constructor argument: from_spec rebuilds the same parameters, to_dict is JSON-able."""
+    """The spec is the constructor's argument: DiT(spec) rebuilds the same parameters, to_dict is JSON-able."""
     import json
 
     model = DiT(TINY, input_size=4, in_channels=2, num_classes=3, learn_sigma=False, class_dropout_prob=0.0, seed=4)
     d = json.loads(json.dumps(model.spec.to_dict()))
     assert d["kind"] == "dit" and d["variant"]["depth"] == 2
-    again = DiT.from_spec(DiTSpec.of(d), seed=4)
+    again = DiT(DiTSpec.of(d), seed=4)
     assert again.spec == model.spec and list(again.params) == list(model.params)
     for k in model.params:
         np.testing.assert_array_equal(again.params[k], model.params[k])
@@ -97,8 +98,9 @@ TINY = DiTConfig(depth=2, hidden_size=8, num_heads=2, patch_size=2)
 
 def tiny_model(learn_sigma=True, seed=0, scale=0.5, block="adaln-zero"):
     """A float64 DiT with every parameter random (not the init, where most gradients are exactly 0)."""
-    model = build(DiTSpec(TINY, input_size=4, in_channels=2, num_classes=3, learn_sigma=learn_sigma, block=block),
-                  seed=seed, dtype=np.float64)
+    fields = dict(input_size=4, in_channels=2, num_classes=3, learn_sigma=learn_sigma)
+    model = DiT(TINY, **fields, seed=seed, dtype=np.float64) if block == "adaln-zero" else \
+        ConditioningDiT(TINY, **fields, block=block, seed=seed, dtype=np.float64)
     rng = np.random.default_rng(seed + 100)
     for k, v in model.params.items():
         if k != "pos_embed":

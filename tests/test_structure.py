@@ -155,3 +155,51 @@ def test_the_signature_check_can_fail(bad):
     """The comparison above is not vacuous: a renamed or added argument is a different signature."""
     ref = ast.parse("def sum_rows(x): pass").body[0].args
     assert signature(ast.parse(bad).body[0].args) != signature(ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands talk to the model contract only (minidit.contract.Model): nothing in them knows one kind from another
+# ---------------------------------------------------------------------------------------------------------------
+COMMANDS = ("train", "sample", "threads", "checkpoint")
+MODEL_MODULES = ("model", "conditioning", "mmdit", "dynamic", "video", "captions")
+
+
+def model_class_names():
+    """The names of the classes defined in the model modules (DiT, DiTSpec, VideoDiT, ...)."""
+    return {node.name for m in MODEL_MODULES for node in ast.parse((PKG / f"{m}.py").read_text()).body
+            if isinstance(node, ast.ClassDef)}
+
+
+def kind_branches(source, classes):
+    """Where `source` asks what kind of model it holds: isinstance/issubclass against a model class, any mention of a
+    model class, hasattr/getattr on a model (an argument naming model, net or m), or a comparison with --model's
+    value or a model spec's "kind"."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        where = f"line {getattr(node, 'lineno', '?')}: {ast.unparse(node)[:80]}"
+        if isinstance(node, ast.Name) and node.id in classes:
+            found.append(where)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") \
+                and node.args and re.search(r"\b(model|net|m)\b", ast.unparse(node.args[0])):
+            found.append(where)
+        elif isinstance(node, ast.Compare):
+            text = ast.unparse(node)
+            if re.search(r"\bargs\.model\b|\.kind\b|\[.kind.\]|get\(.kind.\)", text) and "data.kind" not in text:
+                found.append(where)
+    return found
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_commands_have_no_branch_on_a_model_kind(command):
+    found = kind_branches((PKG / f"{command}.py").read_text(), model_class_names())
+    assert not found, f"minidit/{command}.py asks what kind of model it has (use the contract):\n" + "\n".join(found)
+    assert not {dep for dep in GRAPH[command] if dep in MODEL_MODULES} - {"model"}, \
+        f"minidit/{command}.py imports a model module: kinds are found through minidit.models"
+
+
+@pytest.mark.parametrize("bad", ["if args.model == 'video': pass", "isinstance(model, VideoDiT)",
+                                 "hasattr(model, 'num_frames')", "getattr(run.model, 'x', None)",
+                                 "spec.get('kind') != 'dit'", "meta['model']['kind'] == 'dit'"])
+def test_the_kind_check_can_fail(bad):
+    assert kind_branches(bad, {"VideoDiT"}), bad
+    assert not kind_branches("if run.data.kind == 'clips': pass", {"VideoDiT"})

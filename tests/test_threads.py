@@ -3,8 +3,8 @@ the optimizer's threaded updates equal its sequential ones; the helpers split wo
 import numpy as np
 import pytest
 
-from minidit.conditioning import build
-from minidit.model import DiT, DiTConfig, DiTSpec
+from minidit.conditioning import ConditioningDiT
+from minidit.model import DiT, DiTConfig
 from minidit.optim import EMA, AdamW
 from minidit.threads import (ShardedDiT, balanced_groups, batch_shards, cpu_count, data_parallel, map_balanced,
                              parallel_map)
@@ -13,9 +13,11 @@ TINY = DiTConfig(depth=2, hidden_size=16, num_heads=2, patch_size=2)
 C, S, K = 3, 8, 5
 
 
-def make_model(dtype=np.float64, seed=0, **kw):
-    """A small DiT at random parameters (at DiT's init adaLN-Zero zeroes most gradients)."""
-    model = build(DiTSpec(TINY, input_size=S, in_channels=C, num_classes=K, **kw), dtype=dtype)
+def make_model(dtype=np.float64, seed=0, block="adaln-zero"):
+    """A small DiT (another design: a ConditioningDiT) at random parameters (at DiT's init adaLN-Zero zeroes most
+    gradients)."""
+    fields = dict(input_size=S, in_channels=C, num_classes=K, dtype=dtype)
+    model = DiT(TINY, **fields) if block == "adaln-zero" else ConditioningDiT(TINY, block=block, **fields)
     rng = np.random.default_rng(seed)
     model.load_state_dict({k: (0.3 * rng.standard_normal(s)).astype(dtype) for k, s in model.param_shapes().items()})
     return model
@@ -51,7 +53,7 @@ def test_label_dropout_is_drawn_for_the_whole_batch():
     mask has both values), and force_drop_ids is passed through per shard."""
     model = make_model(class_dropout_prob=0.5)
     x, t, y, _ = inputs(8)
-    drop = model.label_dropout(8, np.random.default_rng(5))
+    drop = model.condition_dropout(8, np.random.default_rng(5))
     assert drop.any() and not drop.all()
     ref, _ = model.forward(x, t, y, force_drop_ids=drop)
     net = ShardedDiT(model, 3)

@@ -37,7 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..backend import get_backend
-from ..checkpoint import build_model, load
+from ..checkpoint import load
 from ..cli import nonnegative_int, positive_int, run, sampling_steps
 from ..diffusion import Diffusion
 from ..model import DiT, DiTSpec, forward_macs, get_config
@@ -130,7 +130,8 @@ class MatmulPeak:
 # ----------------------------------------------------------------------------------------------
 def model_spec(spec):
     """The DiTSpec of a bench configuration."""
-    return DiTSpec(spec["variant"], spec["input_size"], spec["in_channels"], spec["num_classes"])
+    return DiTSpec(variant=spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
+                   num_classes=spec["num_classes"])
 
 
 def make_batch(spec, seed=0):
@@ -149,7 +150,7 @@ class MiniditSide:
 
     def __init__(self, spec, backend, batch, threads=1):
         self.xp = xp = get_backend(backend)
-        self.model = build_model(model_spec(spec).to_dict(), seed=0, backend=backend)
+        self.model = DiT(model_spec(spec), seed=0, backend=backend)
         self.net, threads = data_parallel(self.model, threads)  # NumPy: one batch shard per thread, as minidit.train
         self.objective = Diffusion("")
         self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
@@ -567,7 +568,7 @@ def bench_sampling(spec, args):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     t0 = time.perf_counter()
-    model = build_model(model_spec(spec).to_dict(), backend=args.backend)
+    model = DiT(model_spec(spec), backend=args.backend)
     rng = np.random.default_rng(0)
     for k, v in model.params.items():  # the zero-initialised ones too, so the output is not trivially 0
         if not v.any():
@@ -599,10 +600,10 @@ def bench_dynamic(args):
     from ..sample import generate
 
     dynamic, objective, meta = load(args.dynamic, backend=args.backend)
-    dense = DiT.from_spec(dynamic.spec.dense(), backend=args.backend)
+    dense = DiT(dynamic.spec.dense(), backend=args.backend)
     dense.load_state_dict({k: v for k, v in dynamic.params.items() if k in dense.params})
     batch, steps = args.batch_size or 100, args.sample_steps
-    labels = np.random.default_rng(0).integers(0, dense.num_classes, batch)
+    labels = np.random.default_rng(0).integers(0, dense.spec.num_classes, batch)
     print(f"== sampling: Dynamic DiT {args.dynamic} ({dynamic.dynamic}, step {meta.get('step')}) vs its weights dense; "
           f"{steps} guided DDPM steps of {batch} images (x2 through the model), backend {args.backend}, threads "
           f"{args.threads}, {args.runs} runs each, alternating")

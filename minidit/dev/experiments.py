@@ -39,9 +39,11 @@ from ..cli import nonnegative_float, nonnegative_int, positive_float, positive_i
 from ..checkpoint import load, load_checkpoint
 from ..data import to_uint8_nhwc
 from .evaluate import evaluate
-from ..model import BLOCK_TYPES
+from ..conditioning import DESIGNS
 from ..sample import generate
 
+
+BLOCK_TYPES = ("adaln-zero",) + DESIGNS  # DiT itself and the paper's other three designs (--block)
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
@@ -130,7 +132,7 @@ def score(args, run_dir):
     """Guided samples of every class from the run's EMA weights at each --sample-steps count, with the sampler of
     the run's objective (DDPM, or Euler for flow), scored by minidit.dev.evaluate: {steps: scores}, and seconds."""
     model, objective, _ = load(run_dir, backend=args.backend)
-    labels = np.repeat(np.arange(model.num_classes), args.per_class)
+    labels = np.repeat(np.arange(model.spec.num_classes), args.per_class)
     scores = {}
     for steps in args.sample_steps:
         start = time.perf_counter()
@@ -193,7 +195,7 @@ def write_plot(args, results, path):
 def compare_samplers(args):
     """The samplers experiment: {(cfg, sampler, steps): scores and seconds}, written as results.md/json."""
     model, objective, meta = load(args.ckpt, backend=args.backend)
-    labels = np.repeat(np.arange(model.num_classes), args.per_class)
+    labels = np.repeat(np.arange(model.spec.num_classes), args.per_class)
     rows = []
     for cfg in args.cfg_scales:
         for pair in args.samplers:
@@ -250,7 +252,7 @@ def compare_dynamic(args):
     rows = []
     for name, path in models.items():
         model, objective, _ = load(path, backend=args.backend)
-        labels = np.repeat(np.arange(model.num_classes), args.per_class)
+        labels = np.repeat(np.arange(model.spec.num_classes), args.per_class)
         dense = model.gmacs() * 1e9
         for cfg in args.cfg_scales:
             for pair in args.samplers:

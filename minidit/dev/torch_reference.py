@@ -252,9 +252,9 @@ def _sincos_2d(D, g):
 
 def build_torch_dit(minidit_model, dtype=torch.float32, device="cpu"):
     """A TorchDiT with minidit_model's architecture and (copied) weights, strictly loaded by name."""
-    m = minidit_model
-    tm = TorchDiT(m.config, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob).to(dtype=dtype)
+    m, s = minidit_model, minidit_model.spec
+    tm = TorchDiT(s.config, input_size=s.input_size, in_channels=s.in_channels, num_classes=s.num_classes,
+                  learn_sigma=s.learn_sigma, class_dropout_prob=s.class_dropout_prob).to(dtype=dtype)
     tm.load_state_dict({k: torch.from_numpy(np.array(to_numpy(v))) for k, v in m.params.items()}, strict=True)
     return tm.to(device)
 
