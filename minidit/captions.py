@@ -197,40 +197,38 @@ TOKENS = "text_encoder.token_embedding.weight"
 
 @dataclasses.dataclass(frozen=True)
 class CaptionMMDiTSpec(Spec):
-    """An MM-DiT (MMDiTSpec's fields, its text widths set to embed_dim) reading token ids through a learned table."""
-    sample_size: int = 16
-    patch_size: int = 4
-    in_channels: int = 1
-    num_layers: int = 6
-    attention_head_dim: int = 64
-    num_attention_heads: int = 3
-    pos_embed_max_size: int = 4  # = sample_size // patch_size: DiT's integer-grid sin-cos table
-    qk_norm: Any = None
+    """A token table of vocab_size rows of width E feeding an MM-DiT (`transformer`, whose joint_attention_dim and
+    pooled_projection_dim are both E: the table gives the context and, as the words' mean, the pooled embedding)."""
+    transformer: MMDiTSpec = MMDiTSpec(
+        sample_size=16, patch_size=4, in_channels=1, out_channels=1, num_layers=6, attention_head_dim=64,
+        num_attention_heads=3, caption_projection_dim=192, joint_attention_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=4)  # pos_embed_max_size = sample_size // patch_size: DiT's integer-grid sin-cos table
     vocab_size: int = len(VOCAB)
     max_length: int = MAX_LENGTH
-    embed_dim: int = 64  # E: the token embeddings' width (MMDiT's joint_attention_dim and pooled_projection_dim)
     caption_dropout_prob: float = 0.1  # > 0: captions replaced by padding, the null condition guidance uses
 
     kind = "mmdit-captions"
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_length", "embed_dim"):
+        object.__setattr__(self, "transformer", MMDiTSpec.of(self.transformer))  # JSON gives its dict
+        t = self.transformer
+        for name in ("vocab_size", "max_length"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not 0 <= self.caption_dropout_prob < 1:
             raise ValueError(f"caption_dropout_prob must lie in [0, 1), got {self.caption_dropout_prob}")
-        self.mmdit_spec  # MMDiTSpec.check: clear errors for the transformer's fields
+        if t.joint_attention_dim != t.pooled_projection_dim:
+            raise ValueError(f"the transformer's joint_attention_dim {t.joint_attention_dim} and pooled_projection_dim "
+                             f"{t.pooled_projection_dim} must be equal: one token table gives both")
+        if t.out_dim != t.in_channels:
+            raise ValueError(f"the transformer's out_channels {t.out_dim} must equal in_channels {t.in_channels}: a "
+                             f"caption model predicts the noise or the velocity alone")
 
     @property
-    def mmdit_spec(self):
-        inner = self.num_attention_heads * self.attention_head_dim
-        return MMDiTSpec(sample_size=self.sample_size, patch_size=self.patch_size, in_channels=self.in_channels,
-                         num_layers=self.num_layers, attention_head_dim=self.attention_head_dim,
-                         num_attention_heads=self.num_attention_heads, joint_attention_dim=self.embed_dim,
-                         caption_projection_dim=inner, pooled_projection_dim=self.embed_dim,
-                         out_channels=self.in_channels, pos_embed_max_size=self.pos_embed_max_size,
-                         qk_norm=self.qk_norm)
+    def embed_dim(self):
+        """E: the width of the token embeddings."""
+        return self.transformer.joint_attention_dim
 
 
 class CaptionCache(NamedTuple):
@@ -254,10 +252,11 @@ class CaptionMMDiT(Model):
     DATA = ("digits-captions",)
     LEARNS_SIGMA = False
     learn_sigma = False  # the velocity (or the noise) alone
+    in_channels = property(lambda self: self.spec.transformer.in_channels)
 
     def __init__(self, spec=None, *, seed=0, dtype=np.float32, backend="numpy", **fields):
         spec = CaptionMMDiTSpec.of(spec, **fields)
-        self.mmdit = MMDiT(spec.mmdit_spec, seed=seed, dtype=dtype, backend=backend)
+        self.mmdit = MMDiT(spec.transformer, seed=seed, dtype=dtype, backend=backend)
         super().__init__(spec, seed=seed, dtype=dtype, backend=backend)
 
     def init_params(self, seed):
@@ -271,23 +270,24 @@ class CaptionMMDiT(Model):
         return {TOKENS: (self.spec.vocab_size, self.spec.embed_dim), **self.mmdit.param_shapes()}
 
     def describe(self):
-        s = self.spec
-        return (f"{type(self).__name__} {s.num_layers} layers, {s.num_attention_heads} heads of "
-                f"{s.attention_head_dim}, patch {s.patch_size}, text {s.max_length} x {s.embed_dim}")
+        s, t = self.spec, self.spec.transformer
+        return (f"{type(self).__name__} {t.num_layers} layers, {t.num_attention_heads} heads of "
+                f"{t.attention_head_dim}, patch {t.patch_size}, text {s.max_length} x {s.embed_dim}")
 
     def gmacs(self):
         """Forward multiply-accumulates per image of the matmuls (the transformer's Linears and attention), in
         billions: per block and token of either stream 12 D^2 (qkv 3, out 1, FF 8), attention 2 (T + L)^2 D."""
-        s = self.spec
-        D, T, L = s.num_attention_heads * s.attention_head_dim, (s.sample_size // s.patch_size) ** 2, s.max_length
+        s, t = self.spec, self.spec.transformer
+        D, T, L = t.inner_dim, (t.sample_size // t.patch_size) ** 2, s.max_length
         per_block = 12 * D * D * (T + L) + 2 * (T + L) ** 2 * D + 12 * D * D  # + the modulations (6D x D, twice)
-        io = T * s.in_channels * s.patch_size ** 2 * D * 2 + L * s.embed_dim * D
-        return (s.num_layers * per_block + io) / 1e9
+        io = T * t.in_channels * t.patch_size ** 2 * D * 2 + L * s.embed_dim * D
+        return (t.num_layers * per_block + io) / 1e9
 
     def sample_shape(self, n, frames=None, size=None):
         if frames is not None or size is not None:
             raise ValueError("--frames and --size are for a video model")
-        return (n, self.in_channels, self.spec.sample_size, self.spec.sample_size)
+        side = self.spec.transformer.sample_size
+        return (n, self.in_channels, side, side)
 
     # -- conditions: token ids, and the all-padding caption --------------------------------------
     @property
@@ -326,10 +326,13 @@ class CaptionMMDiT(Model):
         if data.image_size % cfg.patch_size:
             raise ValueError(f"--variant {args.variant}: patch {cfg.patch_size} does not divide the image size "
                              f"{data.image_size}")
-        return CaptionMMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
-                                num_layers=cfg.depth, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                                num_attention_heads=cfg.num_heads, pos_embed_max_size=data.image_size // cfg.patch_size,
-                                embed_dim=args.text_dim, caption_dropout_prob=args.class_dropout_prob)
+        E = args.text_dim
+        transformer = MMDiTSpec(sample_size=data.image_size, patch_size=cfg.patch_size, in_channels=data.channels,
+                                out_channels=data.channels, num_layers=cfg.depth,
+                                attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
+                                caption_projection_dim=cfg.hidden_size, joint_attention_dim=E, pooled_projection_dim=E,
+                                pos_embed_max_size=data.image_size // cfg.patch_size)
+        return CaptionMMDiTSpec(transformer, caption_dropout_prob=args.class_dropout_prob)
 
     # -- forward / backward ----------------------------------------------------------------------
     def _transformer(self):

@@ -32,6 +32,8 @@ from .digits import CLIPS_VERSION, DIGITS_VERSION, MOTIONS, digit_params, render
 from .xp import to_numpy
 
 BUILT_IN = ("digits", "digits-captions", "digits-clips")  # rendered here, 16 px by default (other data: 32)
+KINDS = {"digits": "--data digits", "digits-captions": "--data digits-captions", "clips": "--data digits-clips",
+         "folder": "an image folder", "latents": "latents (.npz)"}  # Dataset.kind -> what --data gives it
 MAX_IMAGE_SIZE = 1024  # pixels: DiT's largest is 512; every image of a folder is held in memory at this size
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision
 

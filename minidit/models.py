@@ -38,7 +38,9 @@ def upgrade_spec(spec: dict, version: str) -> dict:
 
       minidit-train-1, minidit-converted-1  no "kind": every model was a DiT
       minidit-2   DiT's spec (and Dynamic DiT's) held the conditioning design as "block"; a design other than
-                  adaLN-Zero is now ConditioningDiTSpec's (kind "dit-conditioning"), adaLN-Zero is DiT itself
+                  adaLN-Zero is now ConditioningDiTSpec's (kind "dit-conditioning"), adaLN-Zero is DiT itself.
+                  CaptionMMDiTSpec listed the transformer's free fields beside its own; they are now an MMDiTSpec
+                  (`transformer`), its text widths embed_dim and its output channels in_channels.
     """
     spec = dict(spec)
     if version in ("minidit-train-1", "minidit-converted-1"):
@@ -47,6 +49,14 @@ def upgrade_spec(spec: dict, version: str) -> dict:
         block = spec.pop("block", "adaln-zero")
         if block != "adaln-zero":
             spec.update(kind=ConditioningDiT.Spec.kind, block=block)
+    if spec.get("kind") == CaptionMMDiT.Spec.kind and "transformer" not in spec:
+        names = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                 "pos_embed_max_size", "qk_norm")
+        t = {k: spec.pop(k) for k in names if k in spec}
+        E = spec.pop("embed_dim")
+        spec["transformer"] = {**t, "joint_attention_dim": E, "pooled_projection_dim": E,
+                               "out_channels": t["in_channels"],
+                               "caption_projection_dim": t["num_attention_heads"] * t["attention_head_dim"]}
     return spec
 
 

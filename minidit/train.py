@@ -49,7 +49,7 @@ from . import models
 from .checkpoint import CKPT_NAME, checkpoint_file, load_model, read, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
-from .data import BUILT_IN, load_dataset, sample_file, save_samples
+from .data import BUILT_IN, KINDS as DATA_KINDS, load_dataset, sample_file, save_samples
 from .diffusion import Diffusion
 from .distributed import MODES as DISTRIBUTED_MODES, World, abort_on_error, init as init_distributed
 from .flow import TIME_SAMPLING, RectifiedFlow
@@ -180,8 +180,8 @@ def model_spec(model_class, args, data):
     """The spec of the model the options describe (its kind's spec_from_options), checked against the data."""
     if data.kind not in model_class.DATA:
         fits = [c for c in models.MODELS if data.kind in c.DATA and c.CLI_NAME]
-        raise ValueError(f"--model {args.model} trains a {model_class.__name__} on {' or '.join(model_class.DATA)} "
-                         f"data; --data {args.data} is {data.kind} data"
+        raise ValueError(f"--model {args.model} trains a {model_class.__name__} on "
+                         f"{' or '.join(DATA_KINDS[k] for k in model_class.DATA)}, not on {DATA_KINDS[data.kind]}"
                          + (f": train it with --model {fits[0].CLI_NAME}" if fits else ""))
     return model_class.spec_from_options(args, data)
 

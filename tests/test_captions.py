@@ -14,6 +14,7 @@ from minidit.data import load_dataset
 from minidit.diffusion import cfg_model_fn
 from minidit.digits import digit_params, render_digits
 from minidit.gradcheck import check_backward, numerical_grad, random_indices, rel_error
+from minidit.mmdit import MMDiTSpec
 
 # sha256 of render_digits' images before digit_params was split out of it: the renderer is unchanged
 RENDERED = {(3, 16, 0): "89500f4ffdb05b55b89d71795053168c5262adbedb902e1b70ece4c3a693cd54",
@@ -139,13 +140,15 @@ def test_the_text_encoders_gradient_sums_repeated_tokens():
     assert not pooled[1].any() and np.allclose(pooled[0], (2 * table[3] + table[1]) / 3)
 
 
-TINY = dict(sample_size=8, patch_size=2, in_channels=1, num_layers=2, attention_head_dim=4, num_attention_heads=2,
-            pos_embed_max_size=4, embed_dim=6, max_length=5, caption_dropout_prob=0.1)
+TINY = dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=4,
+            num_attention_heads=2, caption_projection_dim=8, joint_attention_dim=6, pooled_projection_dim=6,
+            pos_embed_max_size=4)
 
 
 def tiny_model(seed=0, **overrides):
     """float64, every trainable parameter drawn N(0, 0.3^2) (not the init)."""
-    model = CaptionMMDiT(CaptionMMDiTSpec(**{**TINY, **overrides}), seed=seed, dtype=np.float64)
+    spec = CaptionMMDiTSpec(MMDiTSpec(**{**TINY, **overrides}), max_length=5, caption_dropout_prob=0.1)
+    model = CaptionMMDiT(spec, seed=seed, dtype=np.float64)
     rng = np.random.default_rng(seed + 100)
     for name in model.trainable():
         model.params[name][...] = rng.standard_normal(model.params[name].shape) * 0.3
@@ -239,7 +242,7 @@ def test_train_sample_evaluate_with_prompts(tmp_path, capsys):
     train_mod.main(["--model", "mmdit", "--objective", "flow", "--data", "digits-captions", "--variant", "mini/8",
                     "--batch-size", "4", "--steps", "2", "--sample-steps", "2", "--text-dim", "8", "--out", run])
     model = load_model(run)
-    assert isinstance(model, CaptionMMDiT) and model.spec.embed_dim == 8 and model.spec.num_layers == 6
+    assert isinstance(model, CaptionMMDiT) and model.spec.embed_dim == 8 and model.spec.transformer.num_layers == 6
     assert (tmp_path / "r" / "samples.png").exists()
     grid, npz = str(tmp_path / "g.png"), str(tmp_path / "s.npz")
     sample_main(["--ckpt", run, "--prompt", "a large 3 on the left", "--prompt", "the digit seven, tilted right",
