@@ -10,17 +10,19 @@ The mainline, in reading order (each module imports only the ones before it):
     optim         AdamW and EMA, in place
     cuda_kernels  fused CUDA kernels beside their references in layers / optim (imported with the cupy backend)
     backend       a backend by name: numpy, cupy, strict
+    digits        the built-in digits: the renderer's random parameters, images, clips
+    text          the digits' captions, read off those parameters; the vocabulary and tokenizer
+    data          datasets (digits, captioned digits, clips, image folders, latents); image output
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
+    captions      text prompts -> images: a tiny learned text encoder and the MM-DiT that reads it
     dynamic       Dynamic DiT: timestep routers switch heads, MLP channels or blocks; the sampler skips them
     video         a spatio-temporal DiT for clips: 3-D patches, spatial and temporal blocks in turn (Latte)
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks
     cli           what the commands share: flag types, output paths checked first, one-line errors
-    digits, captions, data  the built-in digits; their captions, a tokenizer, a tiny text encoder and the MM-DiT
-                  that reads it; datasets; image output
     checkpoint    the checkpoint format: save, read, rebuild any model and objective from its spec
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader
     sample        python -m minidit.sample

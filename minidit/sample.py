@@ -40,7 +40,7 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     xp = model.xp
     labels = np.asarray(to_numpy(labels), dtype=np.int64)  # host or device labels: checked on the host
     null = getattr(model, "null_condition", None)  # a caption model's all-padding token ids; DiT: the null class
-    if null is not None:  # labels are token ids (N, L) (minidit.captions.tokenize_all)
+    if null is not None:  # labels are token ids (N, L) (minidit.text.tokenize_all)
         if labels.ndim != 2 or labels.shape[0] == 0:
             raise ValueError("give at least one prompt (token ids of shape (N, L))")
     else:
@@ -156,9 +156,9 @@ def parse_args(argv=None):
 
 def sample(args):
     """The command: every output path and size checked before the model runs, then sample, decode, write."""
-    from .captions import prompt_digit, tokenize_all
     from .checkpoint import load  # imported here: the CLI needs it, the library function does not
     from .data import clips_to_uint8, save_gif, save_grid, save_npz, to_uint8_nhwc
+    from .text import prompt_digit, tokenize_all
 
     output_file(args.out, (".png", ".gif"), "--out")  # which of the two: known once the model is
     output_file(args.npz, (".npz",), "--npz")

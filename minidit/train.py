@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
     fcntl = None
 
 from .backend import BACKENDS, get_backend, is_out_of_memory, memory_report
-from .captions import CaptionMMDiTSpec, tokenize_all
+from .captions import CaptionMMDiTSpec
 from .checkpoint import CKPT_NAME, build_model, checkpoint_file, load_model, read, read_training, save_training
 from .cli import (nonnegative_float, nonnegative_int, positive_float, positive_int, probability, run as run_command,
                   sampling_steps, unit_interval)
@@ -58,6 +58,7 @@ from .flow import TIME_SAMPLING, RectifiedFlow
 from .model import BLOCK_TYPES, DiTSpec, get_config
 from .optim import EMA, AdamW
 from .sample import generate
+from .text import tokenize_all
 from .threads import data_parallel
 from .xp import to_device, to_numpy
 

@@ -2,7 +2,7 @@
 
   * no module imports itself in a circle (imports inside functions count too);
   * the mainline has a reading order in which each module imports only the ones before it (minidit/__init__.py
-    lists it), and never imports minidit.dev, except backend.get_backend("strict");
+    lists it), and never imports minidit.dev, except backend.get_backend("strict"); the data comes before the models;
   * every @fused reference has a CUDA kernel in cuda_kernels.py registered with @kernel_for and the same signature,
     and every kernel belongs to a @fused reference. (Whether the kernels compute the same numbers is
     tests/test_cuda_kernels.py, on a GPU.)
@@ -15,9 +15,10 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "minidit"
 
 # The mainline in reading order, as minidit/__init__.py's docstring lists it.
-ORDER = ("xp", "layers", "params", "threads", "optim", "cuda_kernels", "backend", "model", "conditioning", "mmdit",
-         "dynamic", "video", "diffusion", "flow", "gradcheck", "cli", "digits", "captions", "data", "checkpoint", "vae", "sample",
-         "distributed", "train", "encode", "convert")
+ORDER = ("xp", "layers", "params", "threads", "optim", "cuda_kernels", "backend", "digits", "text", "data", "model",
+         "conditioning", "mmdit", "captions", "dynamic", "video", "diffusion", "flow", "gradcheck", "cli", "checkpoint",
+         "vae", "sample", "distributed", "train", "encode", "convert")
+MODELS = ("model", "conditioning", "mmdit", "dynamic", "video", "captions")
 ALLOWED_DEV = {("backend", "dev.strict")}  # get_backend("strict"): the test backend chosen by name
 
 
@@ -98,6 +99,11 @@ def test_the_mainline_imports_only_earlier_modules_and_never_dev():
             else:
                 assert dep in ORDER[:i], f"{m} imports {dep}, which comes after it in the reading order"
     assert GRAPH["xp"] == set(), "xp.py is the ground floor: it imports nothing of minidit"
+
+
+def test_data_comes_before_every_model():
+    """The dataset layer sits below the models: data.py (and the captions it reads, text.py) imports none of them."""
+    assert all(ORDER.index("data") < ORDER.index(m) for m in MODELS), f"data comes after one of {MODELS}"
 
 
 def fused_references():
