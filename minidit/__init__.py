@@ -6,8 +6,8 @@ The mainline, in reading order (each module imports only the ones before it):
     layers        every op as op_forward -> (out, cache) / op_backward(dout, cache) -> grads, and the sublayers
                   models compose (attention in three steps, MLP, adaLN, embedders, final layer)
     params        the flat parameter dict (take, named, check_keys) and the Model protocol
-    threads       every CPU core for NumPy: the batch in shards, one thread each
     optim         AdamW and EMA, in place
+    threads       every CPU core for NumPy: the batch in shards, one thread each
     cuda_kernels  fused CUDA kernels beside their references in layers / optim (imported with the cupy backend)
     backend       a backend by name: numpy, cupy, strict
     digits        the built-in digits: the renderer's random parameters, images, clips

@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "minidit"
 
 # The mainline in reading order, as minidit/__init__.py's docstring lists it.
-ORDER = ("xp", "layers", "params", "threads", "optim", "cuda_kernels", "backend", "digits", "text", "data", "model",
+ORDER = ("xp", "layers", "params", "optim", "threads", "cuda_kernels", "backend", "digits", "text", "data", "model",
          "conditioning", "mmdit", "captions", "dynamic", "video", "diffusion", "flow", "gradcheck", "cli", "checkpoint",
          "vae", "sample", "distributed", "train", "encode", "convert")
 MODELS = ("model", "conditioning", "mmdit", "dynamic", "video", "captions")
