@@ -5,26 +5,27 @@ The mainline, in reading order (each module imports only the ones before it):
     xp            which array module an array belongs to; host <-> device; the fused-kernel table
     layers        every op as op_forward -> (out, cache) / op_backward(dout, cache) -> grads, and the sublayers
                   models compose (attention in three steps, MLP, adaLN, embedders, final layer)
-    params        the flat parameter dict (take, named, check_keys) and the Model protocol
-    threads       every CPU core for NumPy: the batch in shards, one thread each
+    params        the flat parameter dict named like the official state_dict (take, named, check_keys)
     optim         AdamW and EMA, in place
+    threads       every CPU core for NumPy: the batch in shards, one thread each
     cuda_kernels  fused CUDA kernels beside their references in layers / optim (imported with the cupy backend)
     backend       a backend by name: numpy, cupy, strict
     cli           what the commands share: flag types, output paths checked first, one-line errors
+    digits        the built-in digits: the renderer's random parameters, images, clips
+    text          the digits' captions, read off those parameters; the vocabulary and tokenizer
+    data          datasets (digits, captioned digits, clips, image folders, latents); image output
     contract      what every model is and does: Spec (its constructor's one argument) and Model (what the commands
                   use, DiT's behaviour by default: conditions, dropout, sample shape, extra loss, options)
     model         DiT (adaLN-Zero): DiTSpec, VARIANTS, param shapes, FLOPs, forward, backward
     conditioning  the paper's other three designs (adaLN, cross-attention, in-context)
     mmdit         Stable Diffusion 3's MM-DiT: two token streams, one joint attention
+    captions      text prompts -> images: a tiny learned text encoder and the MM-DiT that reads it
     dynamic       Dynamic DiT: timestep routers switch heads, MLP channels or blocks; the sampler skips them
     video         a spatio-temporal DiT for clips: 3-D patches, spatial and temporal blocks in turn (Latte)
+    models        every kind of model in one table (MODELS): build one from a checkpoint's spec, or from options
     diffusion     the DDPM objective: schedule, loss with its gradient, samplers, guidance
     flow          the rectified-flow objective (SD3): straight path, velocity loss, Euler and Heun samplers
     gradcheck     central differences for the tests and notebooks
-    digits, captions  the built-in digits; their captions, a tokenizer, a tiny text encoder and the MM-DiT that
-                  reads it
-    models        every kind of model in one table (MODELS): build one from a checkpoint's spec, or from options
-    data          datasets; image output
     checkpoint    the checkpoint format: save, read (older layouts upgraded), rebuild any model and objective
     vae           the Stable Diffusion VAE (forward only) and a safetensors reader
     sample        python -m minidit.sample

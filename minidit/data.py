@@ -1,7 +1,7 @@
 """Data for minidit: three kinds of class-conditional dataset behind one interface, and image output.
 
     ds = load_dataset("digits")            # built in: rendered digits 0-9, generated once and cached (no download)
-    ds = load_dataset("digits-captions")   # the same digits, y = token ids of captions (minidit.captions)
+    ds = load_dataset("digits-captions")   # the same digits, y = token ids of captions (minidit.text)
     ds = load_dataset("path/to/folder")    # ImageFolder: one sub-folder per class, official DiT preprocessing
     ds = load_dataset("path/to/z.npz")     # precomputed latents: arrays `latents` (N, C, h, w) and `labels` (N,)
     x, y = ds.batch(step, batch_size, seed)   # x float32 (B, C, H, W), in [-1, 1] for images; y int64 (B,)
@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .captions import MAX_LENGTH, caption_digits, tokenize_all
 from .digits import CLIPS_VERSION, DIGITS_VERSION, MOTIONS, digit_params, render_clips, render_digits
+from .text import MAX_LENGTH, caption_digits, tokenize_all
 from .xp import to_numpy
 
 BUILT_IN = ("digits", "digits-captions", "digits-clips")  # rendered here, 16 px by default (other data: 32)
@@ -226,7 +226,7 @@ class Digits(Dataset):
 
 
 class DigitCaptions(Digits):
-    """The built-in digits with captions (minidit.captions) instead of labels: `batch` returns x and y = token ids
+    """The built-in digits with captions (minidit.text) instead of labels: `batch` returns x and y = token ids
     int64 (B, L), one of `variants` captions per image, chosen per sample from default_rng([seed, step, 4]).
 
     texts:  (N, variants) the captions, drawn once from default_rng([render seed, 0, 5]) from the renderer's own

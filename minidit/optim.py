@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .params import check_keys
-from .threads import map_balanced
 from .xp import fused, get_xp, to_backend
 
 
@@ -28,12 +25,16 @@ def _to_like(value, like):
     return to_backend(value, get_xp(like), like.dtype).copy()
 
 
-def run_updates(update, args, threads):
-    """update(*a) for every a in args; with threads > 1 on NumPy arrays, spread over that many threads in groups
-    of about equal size (NumPy releases the GIL in its loops, so the groups run at once)."""
-    if args and get_xp(args[0][0]) is not np:
-        threads = 1  # a device: one stream of kernels
-    map_balanced(lambda a: update(*a), args, [a[0].size for a in args], threads)
+def serial_map(fn, items, sizes):
+    """fn(item) for each item in turn: the optimizers' default map. Another map may run the items at once, balanced
+    by sizes (each item's number of elements), e.g. minidit.threads.threaded_map(4)."""
+    for item in items:
+        fn(item)
+
+
+def run_updates(update, args, map):
+    """update(*a) for every a in args, through map(fn, items, sizes); a parameter's update costs its size."""
+    map(lambda a: update(*a), args, [a[0].size for a in args])
 
 
 @fused
@@ -78,11 +79,11 @@ class AdamW:
     step) are skipped entirely: no decay, no moment update, their step count does not advance; moments are
     created on a parameter's first gradient, so a never-trained parameter has no state (as in torch).
 
-    threads > 1 (NumPy): the per-parameter updates are spread over that many threads (minidit.threads); each
-    parameter's update is the same whatever the count.
+    map(fn, items, sizes) applies the per-parameter updates (default serial_map, one after the other); a threaded
+    map (minidit.threads.threaded_map) only splits the work: each parameter's update is the same.
     """
 
-    def __init__(self, params: dict, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, threads=1):
+    def __init__(self, params: dict, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, map=serial_map):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -95,7 +96,7 @@ class AdamW:
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.threads = int(threads)
+        self.map = map
         self._like = dict(params)  # name -> array (references, for shape / dtype / module only)
         self.step_count = 0  # number of step() calls
         self.m: dict = {}  # name -> first moment, same shape/dtype/module as the parameter
@@ -124,7 +125,7 @@ class AdamW:
             self.t[name] = t = self.t[name] + 1
             updates.append((p, g, self.m[name], self.v[name], 1.0 - lr * self.weight_decay, lr / (1.0 - b1**t),
                             math.sqrt(1.0 - b2**t), b1, b2, self.eps))
-        run_updates(adamw_update, updates, self.threads)
+        run_updates(adamw_update, updates, self.map)
 
     def state_dict(self) -> dict:
         """Flat state: "step", hyper-parameters, and "m.<name>", "v.<name>" arrays, "t.<name>" ints.
@@ -197,12 +198,12 @@ class EMA:
     tf.train.ExponentialMovingAverage with num_updates).
     """
 
-    def __init__(self, params: dict, decay=0.9999, warmup=False, threads=1):
+    def __init__(self, params: dict, decay=0.9999, warmup=False, map=serial_map):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"invalid EMA decay {decay}: must be in [0, 1]")
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.threads = int(threads)  # > 1: spread the updates over threads, as AdamW does
+        self.map = map  # applies the per-parameter updates, as AdamW's
         self.num_updates = 0
         self.params = {name: p.copy() for name, p in params.items()}
 
@@ -218,7 +219,7 @@ class EMA:
         check_keys(params, set(self.params), "EMA update: params do not match the averaged copy")
         d = self.current_decay()
         if d != 1.0:  # d = 1 (frozen): skip, since (ema - p) + p need not round back to ema exactly
-            run_updates(ema_update, [(e, params[name], d) for name, e in self.params.items()], self.threads)
+            run_updates(ema_update, [(e, params[name], d) for name, e in self.params.items()], self.map)
         self.num_updates += 1
 
     def state_dict(self) -> dict:

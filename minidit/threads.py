@@ -10,7 +10,8 @@ samples of a batch (LayerNorm normalises each token on its own), so
     dL/dW          = the sum over shards of the shards' dL/dW         (the loss is a sum over samples)
 
 exactly, up to the order of float additions. NumPy and BLAS release Python's GIL inside their loops, so the
-threads run at the same time. The optimizer spreads its per-parameter updates over the same threads (optim.py).
+threads run at the same time. The optimizer spreads its per-parameter updates over the same threads: minidit.train
+gives AdamW and EMA threaded_map(threads) as their map (optim.py).
 """
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ def map_balanced(fn, items, sizes, threads):
             fn(item)
         return
     parallel_map(lambda group: [fn(items[i]) for i in group], balanced_groups(sizes, threads), threads)
+
+
+def threaded_map(threads):
+    """map(fn, items, sizes) = map_balanced on `threads` threads: how AdamW and EMA (minidit.optim) spread their
+    per-parameter updates."""
+    return functools.partial(map_balanced, threads=threads)
 
 
 @functools.lru_cache(maxsize=None)

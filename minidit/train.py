@@ -56,7 +56,7 @@ from .flow import TIME_SAMPLING, RectifiedFlow
 from .model import get_config
 from .optim import EMA, AdamW
 from .sample import generate
-from .threads import data_parallel
+from .threads import data_parallel, threaded_map
 from .xp import to_device, to_numpy
 
 
@@ -209,8 +209,8 @@ class Run:
             args.lr = 1e-3 if str(args.variant).startswith("mini/") else 1e-4
         # NumPy: this rank's shard in shards, one thread each (minidit.threads); the optimizer uses the same threads
         self.net, self.threads = data_parallel(self.model, args.threads or self.world.cores())
-        self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, threads=self.threads)
-        self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, threads=self.threads)
+        self.opt = AdamW(self.model.params, lr=args.lr, weight_decay=args.weight_decay, map=threaded_map(self.threads))
+        self.ema = EMA(self.model.params, decay=args.ema_decay, warmup=args.ema_warmup, map=threaded_map(self.threads))
         self.step = 0
         self.logged = []  # the model's extra_loss figures of each step since the last log line
         if args.epochs is not None:

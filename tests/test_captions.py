@@ -1,20 +1,19 @@
-"""Text prompts on the built-in digits (minidit.captions): the renderer's parameters, captions that are true of
-their images, the tokenizer, the caption dataset, the text encoder's gradient and the whole CaptionMMDiT's, in
-float64 against central differences, guidance's null condition, the checkpoint round trip."""
+"""Text prompts on the built-in digits: the renderer's parameters, captions that are true of their images, the
+tokenizer, the caption dataset (minidit.text); the text encoder's gradient and the whole CaptionMMDiT's, in float64
+against central differences, guidance's null condition, the checkpoint round trip (minidit.captions)."""
 import hashlib
 
 import numpy as np
 import pytest
 
-from minidit.captions import (
-    MAX_LENGTH, PAD, TOKENS, VOCAB, CaptionMMDiT, CaptionMMDiTSpec, caption, caption_digits, detokenize,
-    digit_attributes, prompt_digit, text_encoder_backward, text_encoder_forward, tokenize, tokenize_all,
-)
+from minidit.captions import TOKENS, CaptionMMDiT, CaptionMMDiTSpec, text_encoder_backward, text_encoder_forward
 from minidit.data import load_dataset
 from minidit.diffusion import cfg_model_fn
 from minidit.digits import digit_params, render_digits
 from minidit.gradcheck import check_backward, numerical_grad, random_indices, rel_error
 from minidit.mmdit import MMDiTSpec
+from minidit.text import (MAX_LENGTH, PAD, VOCAB, caption, caption_digits, detokenize, digit_attributes, prompt_digit,
+                          tokenize, tokenize_all)
 
 # sha256 of render_digits' images before digit_params was split out of it: the renderer is unchanged
 RENDERED = {(3, 16, 0): "89500f4ffdb05b55b89d71795053168c5262adbedb902e1b70ece4c3a693cd54",

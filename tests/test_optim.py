@@ -1,4 +1,5 @@
-"""AdamW and EMA against direct re-statements of their formulas (float64), in-place and dtype checks."""
+"""AdamW and EMA against direct re-statements of their formulas (float64), in-place and dtype checks, the map that
+applies their per-parameter updates."""
 import numpy as np
 import pytest
 
@@ -254,3 +255,33 @@ def test_ema_state_dict_round_trip_and_strict():
     with pytest.raises(ValueError, match="EMA update.*missing keys"):
         other.update({"pos_embed": params["pos_embed"]})
 
+
+
+# ---------------------------------------------------------------- map: how the per-parameter updates are applied
+
+
+def test_updates_go_through_the_given_map_in_any_order():
+    """AdamW and EMA hand every per-parameter update to `map` once, with its parameter's size; a map that applies
+    them in another order (as threads may) changes nothing."""
+    rng = np.random.default_rng(10)
+    params = make_params(rng)
+    twin = {k: v.copy() for k, v in params.items()}
+    calls = []
+
+    def backwards(fn, items, sizes):
+        calls.append(list(sizes))
+        for item in reversed(items):
+            fn(item)
+
+    opts = AdamW(params, lr=1e-2, weight_decay=0.1), AdamW(twin, lr=1e-2, weight_decay=0.1, map=backwards)
+    emas = EMA(params, decay=0.9), EMA(twin, decay=0.9, map=backwards)
+    for _ in range(3):
+        grads = make_grads(rng, params)
+        for p, opt, ema in zip((params, twin), opts, emas):
+            opt.step(p, grads)
+            ema.update(p)
+    adamw_sizes = [params[k].size for k in params if k != "pos_embed"]
+    assert calls == [adamw_sizes, [p.size for p in params.values()]] * 3
+    for k in params:
+        np.testing.assert_array_equal(twin[k], params[k], err_msg=k)
+        np.testing.assert_array_equal(emas[1].params[k], emas[0].params[k], err_msg=k)

@@ -2,7 +2,7 @@
 
   * no module imports itself in a circle (imports inside functions count too);
   * the mainline has a reading order in which each module imports only the ones before it (minidit/__init__.py
-    lists it), and never imports minidit.dev, except backend.get_backend("strict");
+    lists it), and never imports minidit.dev, except backend.get_backend("strict"); the data comes before the models;
   * every @fused reference has a CUDA kernel in cuda_kernels.py registered with @kernel_for and the same signature,
     and every kernel belongs to a @fused reference. (Whether the kernels compute the same numbers is
     tests/test_cuda_kernels.py, on a GPU.)
@@ -30,6 +30,7 @@ def reading_order():
 
 
 ORDER = reading_order()
+MODEL_MODULES = ("model", "conditioning", "mmdit", "dynamic", "video", "captions")
 ALLOWED_DEV = {("backend", "dev.strict")}  # get_backend("strict"): the test backend chosen by name
 
 
@@ -110,6 +111,11 @@ def test_the_mainline_imports_only_earlier_modules_and_never_dev():
     assert GRAPH["xp"] == set(), "xp.py is the ground floor: it imports nothing of minidit"
 
 
+def test_data_comes_before_every_model():
+    """The dataset layer sits below the models: data.py (and the captions it reads, text.py) imports none of them."""
+    assert all(ORDER.index("data") < ORDER.index(m) for m in MODEL_MODULES), f"data comes after one of {MODEL_MODULES}"
+
+
 def fused_references():
     """{name: (module, ast args)} of every function decorated @fused in the mainline."""
     refs = {}
@@ -161,7 +167,6 @@ def test_the_signature_check_can_fail(bad):
 # The commands talk to the model contract only (minidit.contract.Model): nothing in them knows one kind from another
 # ---------------------------------------------------------------------------------------------------------------
 COMMANDS = ("train", "sample", "threads", "checkpoint")
-MODEL_MODULES = ("model", "conditioning", "mmdit", "dynamic", "video", "captions")
 
 
 def model_class_names():

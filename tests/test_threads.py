@@ -7,16 +7,16 @@ from minidit.conditioning import ConditioningDiT
 from minidit.model import DiT, DiTConfig
 from minidit.optim import EMA, AdamW
 from minidit.threads import (ShardedDiT, balanced_groups, batch_shards, cpu_count, data_parallel, map_balanced,
-                             parallel_map)
+                             parallel_map, threaded_map)
 
 TINY = DiTConfig(depth=2, hidden_size=16, num_heads=2, patch_size=2)
 C, S, K = 3, 8, 5
 
 
-def make_model(dtype=np.float64, seed=0, block="adaln-zero"):
+def make_model(dtype=np.float64, seed=0, block="adaln-zero", **kw):
     """A small DiT (another design: a ConditioningDiT) at random parameters (at DiT's init adaLN-Zero zeroes most
-    gradients)."""
-    fields = dict(input_size=S, in_channels=C, num_classes=K, dtype=dtype)
+    gradients); kw: more spec fields."""
+    fields = dict(input_size=S, in_channels=C, num_classes=K, dtype=dtype, **kw)
     model = DiT(TINY, **fields) if block == "adaln-zero" else ConditioningDiT(TINY, block=block, **fields)
     rng = np.random.default_rng(seed)
     model.load_state_dict({k: (0.3 * rng.standard_normal(s)).astype(dtype) for k, s in model.param_shapes().items()})
@@ -187,14 +187,14 @@ def test_pool_threads_reuse_freed_memory():
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_optimizer_threads_change_nothing(wd):
-    """AdamW and EMA spread over 3 threads update every parameter exactly as one thread does."""
+    """AdamW and EMA spread over 3 threads update every parameter exactly as their default serial map does."""
     rng = np.random.default_rng(0)
     shapes = {"a": (40, 30), "b": (7,), "c": (3, 5, 2), "d": (1200,), "frozen": (4,)}
     params = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}]
     params.append({k: v.copy() for k, v in params[0].items()})
     init = {k: v.copy() for k, v in params[0].items()}
-    opts = [AdamW(p, lr=1e-2, weight_decay=wd, threads=th) for p, th in zip(params, (1, 3))]
-    emas = [EMA(p, decay=0.9, threads=th) for p, th in zip(params, (1, 3))]
+    opts = [AdamW(params[0], lr=1e-2, weight_decay=wd), AdamW(params[1], lr=1e-2, weight_decay=wd, map=threaded_map(3))]
+    emas = [EMA(params[0], decay=0.9), EMA(params[1], decay=0.9, map=threaded_map(3))]
     for _ in range(3):
         grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items() if k != "frozen"}
         for p, opt, ema in zip(params, opts, emas):

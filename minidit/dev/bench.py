@@ -42,7 +42,7 @@ from ..cli import nonnegative_int, positive_int, run, sampling_steps
 from ..diffusion import Diffusion
 from ..model import DiT, DiTSpec, forward_macs, get_config
 from ..optim import EMA, AdamW
-from ..threads import data_parallel
+from ..threads import data_parallel, threaded_map
 from ..xp import set_fused_kernels, to_device
 
 PRESETS = {  # the configurations measured in docs/performance.md
@@ -153,8 +153,8 @@ class MiniditSide:
         self.model = DiT(model_spec(spec), seed=0, backend=backend)
         self.net, threads = data_parallel(self.model, threads)  # NumPy: one batch shard per thread, as minidit.train
         self.objective = Diffusion("")
-        self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
-        self.ema = EMA(self.model.params, decay=0.9999, threads=threads)
+        self.opt = AdamW(self.model.params, lr=1e-4, map=threaded_map(threads))
+        self.ema = EMA(self.model.params, decay=0.9999, map=threaded_map(threads))
         self.x0, self.y, self.t, self.noise = (to_device(a, xp) for a in batch)
         self.rng = np.random.default_rng(1)  # label dropout
         self.timer = HostTimer() if xp is np else cupy_timer(xp)
@@ -234,7 +234,7 @@ class MMDiTSide:
         self.model = MMDiT(MMDiTSpec(**MMDIT), seed=0)
         self.net, threads = data_parallel(self.model, threads)  # one batch shard per thread, as for the DiT
         self.objective = RectifiedFlow()
-        self.opt = AdamW(self.model.params, lr=1e-4, threads=threads)
+        self.opt = AdamW(self.model.params, lr=1e-4, map=threaded_map(threads))
         self.x0, self.t, self.noise, self.ctx, self.pooled = batch
         self.timer, self.label = HostTimer(), "minidit numpy (mm-dit)"
 
