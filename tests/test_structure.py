@@ -208,3 +208,10 @@ def test_the_commands_have_no_branch_on_a_model_kind(command):
 def test_the_kind_check_can_fail(bad):
     assert kind_branches(bad, {"VideoDiT"}), bad
     assert not kind_branches("if run.data.kind == 'clips': pass", {"VideoDiT"})
+
+
+def test_the_readme_tree_lists_every_module_in_the_reading_order():
+    """README.md's tree of minidit/ names each mainline module once, in minidit/__init__.py's order."""
+    readme = (PKG.parent / "README.md").read_text()
+    listed = re.findall(r"^  (\w+)\.py  ", readme, flags=re.M)
+    assert tuple(listed) == ORDER, f"README.md's tree lists {listed}, the reading order is {list(ORDER)}"
