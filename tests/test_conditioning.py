@@ -1,6 +1,6 @@
-"""The paper's other three conditioning designs (minidit.conditioning): sizes against the paper's Table 4, the
-cross-attention layer against finite differences and its definition. (Their whole-model gradient checks are in
-test_model.py, which runs every design.)"""
+"""The paper's other three conditioning designs (minidit.conditioning): sizes against the paper's Table 4, each
+design's block and the cross-attention layer against finite differences, the layer against its definition. (Their
+whole-model gradient checks are in test_model.py, which runs every design.)"""
 import math
 
 import numpy as np
@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from minidit import conditioning as C
 from minidit.conditioning import BLOCK_TYPES, ConditioningDiT
 from minidit.layers import attention_forward
-from minidit.model import get_config
+from minidit.model import DiTConfig, get_config
 from test_layers import check, randn, seeds
 
 # Paper Table 4, XL/2 at 256 px: (Gflops, params in millions) of each conditioning design
@@ -66,3 +66,26 @@ def test_cross_attention_matches_definition(rng):
     np.testing.assert_allclose(out, np.broadcast_to(v @ wp.T + bp, out.shape), rtol=1e-10, atol=1e-10)
 
 
+
+
+@pytest.mark.parametrize("block", list(C.DESIGNS))
+@given(seed=seeds)
+def test_design_block_backward(block, seed):
+    """One block of each design at random parameters, on tokens and a condition made by the design's own
+    condition_forward from random embeddings: dx, dcond and every parameter gradient against finite differences."""
+    rng = np.random.default_rng(seed)
+    design, cfg, N, T = C.DESIGNS[block], DiTConfig(depth=1, hidden_size=6, num_heads=2, patch_size=2), 2, 3
+    D = cfg.hidden_size
+    x, cond, _ = design.condition_forward(randn(rng, N, T, D), randn(rng, N, D), randn(rng, N, D))
+    params = {k: randn(rng, *s, scale=0.5) for k, s in design.block_shapes("", cfg).items()}
+    inputs = {"x": x, **({} if cond is None else {"cond": cond}), **params}
+
+    def forward(x, cond=None, **P):
+        return design.block_forward(x, cond, P, "", cfg.num_heads)
+
+    def backward(dout, cache):
+        grads = {}
+        grads["x"], grads["cond"] = design.block_backward(dout, cache, "", grads)
+        return tuple(grads[k] for k in inputs)
+
+    check((forward, backward), list(inputs), inputs, rng)
