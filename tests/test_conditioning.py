@@ -1,6 +1,6 @@
-"""The paper's other three conditioning designs (minidit.conditioning): sizes against the paper's Table 4, the
-cross-attention layer against finite differences and its definition. (Their whole-model gradient checks are in
-test_model.py, which runs every design.)"""
+"""The paper's other three conditioning designs (minidit.conditioning): sizes against the paper's Table 4, each
+design's block and the cross-attention layer against finite differences, the layer against its definition. (Their
+whole-model gradient checks are in test_model.py, which runs every design.)"""
 import math
 
 import numpy as np
@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minidit import conditioning as C
-from minidit.conditioning import BLOCK_TYPES, ConditioningDiT
+from minidit import model as M
+from minidit.conditioning import DESIGNS, ConditioningDiT
 from minidit.layers import attention_forward
-from minidit.model import get_config
+from minidit.model import DiTConfig, get_config
 from test_layers import check, randn, seeds
 
 # Paper Table 4, XL/2 at 256 px: (Gflops, params in millions) of each conditioning design
@@ -18,22 +19,24 @@ TABLE4_XL2 = {"in-context": (119.37, 449), "cross-attention": (137.62, 598), "ad
               "adaln-zero": (118.64, 675)}
 
 
-@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("block", ["adaln-zero", *DESIGNS])
 def test_block_types_match_paper_table4(block):
     """Each design's parameter count and Gflops against the paper's rows (which round to 0.01 G and 1 M):
     adaLN drops the gates (6D -> 4D outputs), in-context drops every adaLN and adds 2 tokens, cross-attention drops
     every adaLN and adds q, kv and proj per block (about +16% compute)."""
     cfg = get_config("XL/2")
     gflops, params_m = TABLE4_XL2[block]
-    n = sum(math.prod(s) for s in C.param_shapes(cfg, block=block).values())
+    shapes, macs = (M.param_shapes(cfg), M.forward_macs(cfg)) if block == "adaln-zero" else \
+        (C.param_shapes(cfg, block=block), C.forward_macs(cfg, block=block))  # DiT itself, or the other designs
+    n = sum(math.prod(s) for s in shapes.values())
     assert abs(n / 1e6 - params_m) < 1.0, n
-    assert abs(C.forward_macs(cfg, block=block) / 1e9 - gflops) < 0.01 * gflops, C.forward_macs(cfg, block=block)
-    ratio = C.forward_macs(cfg, block=block) / C.forward_macs(cfg)
+    assert abs(macs / 1e9 - gflops) < 0.01 * gflops, macs
+    ratio = macs / M.forward_macs(cfg)
     assert abs(ratio - gflops / TABLE4_XL2["adaln-zero"][0]) < 2e-3, ratio
 
 
 def test_conditioning_dit_builds_the_three_other_designs_only():
-    with pytest.raises(ValueError, match="DiT itself is minidit.model.DiT"):
+    with pytest.raises(ValueError, match="adaLN-Zero is minidit.model.DiT"):
         ConditioningDiT("mini/4", block="adaln-zero")
     m = ConditioningDiT("mini/4", input_size=16, in_channels=1, num_classes=10, block="adaln")
     assert m.num_params() == sum(math.prod(s) for s in C.param_shapes(m.spec).values())
@@ -66,3 +69,26 @@ def test_cross_attention_matches_definition(rng):
     np.testing.assert_allclose(out, np.broadcast_to(v @ wp.T + bp, out.shape), rtol=1e-10, atol=1e-10)
 
 
+
+
+@pytest.mark.parametrize("block", list(C.DESIGNS))
+@given(seed=seeds)
+def test_design_block_backward(block, seed):
+    """One block of each design at random parameters, on tokens and a condition made by the design's own
+    condition_forward from random embeddings: dx, dcond and every parameter gradient against finite differences."""
+    rng = np.random.default_rng(seed)
+    design, cfg, N, T = C.DESIGNS[block], DiTConfig(depth=1, hidden_size=6, num_heads=2, patch_size=2), 2, 3
+    D = cfg.hidden_size
+    x, cond, _ = design.condition_forward(randn(rng, N, T, D), randn(rng, N, D), randn(rng, N, D))
+    params = {k: randn(rng, *s, scale=0.5) for k, s in design.block_shapes("", cfg).items()}
+    inputs = {"x": x, **({} if cond is None else {"cond": cond}), **params}
+
+    def forward(x, cond=None, **P):
+        return design.block_forward(x, cond, P, "", cfg.num_heads)
+
+    def backward(dout, cache):
+        grads = {}
+        grads["x"], grads["cond"] = design.block_backward(dout, cache, "", grads)
+        return tuple(grads[k] for k in inputs)
+
+    check((forward, backward), list(inputs), inputs, rng)

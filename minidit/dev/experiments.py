@@ -43,7 +43,7 @@ from ..conditioning import DESIGNS
 from ..sample import generate
 
 
-BLOCK_TYPES = ("adaln-zero",) + DESIGNS  # DiT itself and the paper's other three designs (--block)
+BLOCK_TYPES = ("adaln-zero", *DESIGNS)  # DiT itself and the paper's other three designs (--block)
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.dev.experiments", description=__doc__,
