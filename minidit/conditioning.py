@@ -28,10 +28,10 @@ from .layers import (
     split_heads, unpatchify, unpatchify_backward,
 )
 from .model import (
-    ATTN, BLOCK_TYPES, FINAL, LINEAR, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs,
-    embedder_shapes, init_params, linear_shapes,
+    ATTN, BLOCK_TYPES, FINAL, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs, embedder_shapes,
+    init_params,
 )
-from .params import named, take
+from .params import LINEAR, linear_shapes, named, take
 from .xp import get_xp
 
 CROSS = "q.weight q.bias kv.weight kv.bias proj.weight proj.bias"

@@ -45,10 +45,9 @@ from .layers import (
     timestep_embedder_backward, timestep_embedder_forward, unpatchify, unpatchify_backward,
 )
 from .model import (
-    ATTN, EMBED_T, FINAL, LINEAR, MLP, DiT, DiTCache, DiTSpec, block_backward, block_forward, block_macs,
-    forward_macs,
+    ATTN, EMBED_T, FINAL, MLP, DiT, DiTCache, DiTSpec, block_backward, block_forward, block_macs, forward_macs,
 )
-from .params import named, take
+from .params import LINEAR, named, take
 from .xp import get_xp, to_numpy
 
 DYNAMIC = ("width", "depth")  # what the routers switch: heads and MLP channel groups, or whole blocks

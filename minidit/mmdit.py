@@ -69,12 +69,12 @@ import numpy as np
 from .backend import get_backend
 from .layers import (
     FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, attend_backward, attend_forward, chunks,
-    gated_residual_backward, gated_residual_forward, linear_backward, linear_forward, merge_heads, mlp_backward,
-    mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward, rmsnorm_backward,
-    rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward, timestep_embedder_forward,
-    unpatchify_backward, unpatchify_grid,
+    gated_residual_backward, gated_residual_forward, get_1d_sincos_pos_embed, linear_backward, linear_forward,
+    merge_heads, mlp_backward, mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward,
+    rmsnorm_backward, rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward,
+    timestep_embedder_forward, unpatchify_backward, unpatchify_grid,
 )
-from .params import Model, named, take
+from .params import LINEAR, Model, linear_shapes, named, take
 from .xp import get_xp
 
 QK_NORMS = (None, "rms_norm")
@@ -178,12 +178,7 @@ TIME = " ".join(f"time_text_embed.timestep_embedder.linear_{i}.{w}" for i in (1,
 TEXT = " ".join(f"time_text_embed.text_embedder.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias"))
 CONTEXT = "context_embedder.weight context_embedder.bias"
 FF = "net.0.proj.weight net.0.proj.bias net.2.weight net.2.bias"
-LINEAR = "weight bias"
 QK_NORM_NAMES = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
-
-
-def _linear(name, n_out, n_in):
-    return {name + ".weight": (n_out, n_in), name + ".bias": (n_out,)}
 
 
 def param_shapes(spec, **overrides):
@@ -192,31 +187,31 @@ def param_shapes(spec, **overrides):
     s = MMDiTSpec.of(spec, **overrides)
     D, p, hs, M = s.inner_dim, s.patch_size, s.attention_head_dim, s.pos_embed_max_size
     shapes = {POS: (1, M * M, D), "pos_embed.proj.weight": (D, s.in_channels, p, p), "pos_embed.proj.bias": (D,),
-              **_linear("time_text_embed.timestep_embedder.linear_1", D, FREQ_DIM),
-              **_linear("time_text_embed.timestep_embedder.linear_2", D, D),
-              **_linear("time_text_embed.text_embedder.linear_1", D, s.pooled_projection_dim),
-              **_linear("time_text_embed.text_embedder.linear_2", D, D),
-              **_linear("context_embedder", D, s.joint_attention_dim)}
+              **linear_shapes("time_text_embed.timestep_embedder.linear_1.", D, FREQ_DIM),
+              **linear_shapes("time_text_embed.timestep_embedder.linear_2.", D, D),
+              **linear_shapes("time_text_embed.text_embedder.linear_1.", D, s.pooled_projection_dim),
+              **linear_shapes("time_text_embed.text_embedder.linear_2.", D, D),
+              **linear_shapes("context_embedder.", D, s.joint_attention_dim)}
     for i in range(s.num_layers):
         b, pre_only = f"transformer_blocks.{i}.", i == s.num_layers - 1
-        shapes.update(_linear(b + "norm1.linear", 6 * D, D))
-        shapes.update(_linear(b + "norm1_context.linear", (2 if pre_only else 6) * D, D))
+        shapes.update(linear_shapes(b + "norm1.linear.", 6 * D, D))
+        shapes.update(linear_shapes(b + "norm1_context.linear.", (2 if pre_only else 6) * D, D))
         if s.qk_norm:
             shapes.update({b + "attn.norm_q.weight": (hs,), b + "attn.norm_k.weight": (hs,)})
-        shapes.update(_linear(b + "attn.qkv", 3 * D, D))
-        shapes.update(_linear(b + "attn.add_qkv", 3 * D, D))  # the pre-only block keeps its q rows, as diffusers
-        shapes.update(_linear(b + "attn.to_out.0", D, D))
+        shapes.update(linear_shapes(b + "attn.qkv.", 3 * D, D))
+        shapes.update(linear_shapes(b + "attn.add_qkv.", 3 * D, D))  # the pre-only block keeps its q rows, as diffusers
+        shapes.update(linear_shapes(b + "attn.to_out.0.", D, D))
         if not pre_only:
-            shapes.update(_linear(b + "attn.to_add_out", D, D))
+            shapes.update(linear_shapes(b + "attn.to_add_out.", D, D))
         if s.qk_norm:
             shapes.update({b + "attn.norm_added_q.weight": (hs,), b + "attn.norm_added_k.weight": (hs,)})
-        shapes.update(_linear(b + "ff.net.0.proj", 4 * D, D))
-        shapes.update(_linear(b + "ff.net.2", D, 4 * D))
+        shapes.update(linear_shapes(b + "ff.net.0.proj.", 4 * D, D))
+        shapes.update(linear_shapes(b + "ff.net.2.", D, 4 * D))
         if not pre_only:
-            shapes.update(_linear(b + "ff_context.net.0.proj", 4 * D, D))
-            shapes.update(_linear(b + "ff_context.net.2", D, 4 * D))
-    shapes.update(_linear("norm_out.linear", 2 * D, D))
-    shapes.update(_linear("proj_out", p * p * s.out_dim, D))
+            shapes.update(linear_shapes(b + "ff_context.net.0.proj.", 4 * D, D))
+            shapes.update(linear_shapes(b + "ff_context.net.2.", D, 4 * D))
+    shapes.update(linear_shapes("norm_out.linear.", 2 * D, D))
+    shapes.update(linear_shapes("proj_out.", p * p * s.out_dim, D))
     return shapes
 
 
@@ -230,13 +225,8 @@ def sd3_pos_embed(embed_dim, max_size, base_size, interpolation_scale=1.0):
     rounded to float32, as diffusers registers it (`.float()`)."""
     pos = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size) / np.float32(interpolation_scale)
     rows, cols = np.meshgrid(pos.astype(np.float64), pos.astype(np.float64), indexing="ij")  # each (M, M)
-
-    def emb_1d(dim, x):  # x (K,) -> (K, dim)
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-        out = np.outer(x, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    table = np.concatenate([emb_1d(embed_dim // 2, cols.ravel()), emb_1d(embed_dim // 2, rows.ravel())], axis=1)
+    table = np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, cols.ravel()),
+                            get_1d_sincos_pos_embed(embed_dim // 2, rows.ravel())], axis=1)
     return table.astype(np.float32).astype(np.float64)
 
 

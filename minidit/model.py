@@ -28,7 +28,7 @@ from .layers import (
     patch_embed_forward, silu_backward, silu_forward, timestep_embedder_backward, timestep_embedder_forward,
     unpatchify, unpatchify_backward,
 )
-from .params import Model, named, take, xavier_uniform
+from .params import LINEAR, Model, linear_shapes, named, take, xavier_uniform
 from .xp import get_xp
 
 
@@ -143,10 +143,6 @@ def attention_mlp_shapes(prefix, cfg):
             prefix + "mlp.fc2.weight": (D, hidden), prefix + "mlp.fc2.bias": (D,)}
 
 
-def linear_shapes(prefix, n_out, n_in):
-    return {prefix + "weight": (n_out, n_in), prefix + "bias": (n_out,)}
-
-
 def param_shapes(spec, **overrides):
     """name -> shape for every parameter of a DiT, in the official state_dict order.
     spec: a DiTSpec, or a variant name / DiTConfig with the other fields given by keyword."""
@@ -221,7 +217,6 @@ def init_params(shapes, seed, zero_names=("adaLN_modulation", "final_layer.linea
 # ----------------------------------------------------------------------------------------------
 ATTN = "attn.qkv.weight attn.qkv.bias attn.proj.weight attn.proj.bias"
 MLP = "mlp.fc1.weight mlp.fc1.bias mlp.fc2.weight mlp.fc2.bias"
-LINEAR = "weight bias"
 
 
 class BlockCache(NamedTuple):

@@ -32,9 +32,9 @@ from .layers import (
 )
 from .model import (
     EMBED_T, FINAL, LABELS, DiT, DiTConfig, attention_mlp_shapes, block_backward, block_forward, block_macs,
-    get_config, init_params, linear_shapes,
+    get_config, init_params,
 )
-from .params import Model, named, take
+from .params import Model, linear_shapes, named, take
 from .backend import get_backend
 from .xp import get_xp, to_device
 
