@@ -68,11 +68,11 @@ import numpy as np
 
 from .backend import get_backend
 from .layers import (
-    FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, attend_backward, attend_forward, chunks,
-    gated_residual_backward, gated_residual_forward, get_1d_sincos_pos_embed, linear_backward, linear_forward,
-    merge_heads, mlp_backward, mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward,
-    rmsnorm_backward, rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward,
-    timestep_embedder_forward, unpatchify_backward, unpatchify_grid,
+    FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, adaln_zero_mlp_backward, adaln_zero_mlp_forward,
+    attend_backward, attend_forward, chunks, get_1d_sincos_pos_embed, linear_backward, linear_forward, merge_heads,
+    mlp_backward, mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward, rmsnorm_backward,
+    rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward, timestep_embedder_forward,
+    unpatchify_backward, unpatchify_grid,
 )
 from .params import LINEAR, Model, linear_shapes, named, take
 from .xp import get_xp
@@ -389,31 +389,20 @@ def joint_attention_backward(dout_x, dout_c, cache, prefix, grads):
 
 
 # ----------------------------------------------------------------------------------------------
-# The joint block (JointTransformerBlock.forward)
+# The joint block (JointTransformerBlock.forward): per stream DiT's adaLN-Zero block, the attention shared; each
+# stream's second half is minidit.layers.adaln_zero_mlp_forward, as in DiT's block
 # ----------------------------------------------------------------------------------------------
 class StreamCache(NamedTuple):
     """One stream's modulation and branches around the shared attention."""
     modulation: LinearCache  # norm1.linear / norm1_context.linear, input silu(c) (N, D)
     norm1: Any  # AdaLNCache
-    gate1: Any  # GateCache; None for the pre-only text stream (and so are the rest)
-    norm2: Any
-    ff: Any  # MLPCache
-    gate2: Any
+    mlp: Any  # AdaLNZeroMLPCache (the attention's gated residual, then ff); None for the pre-only text stream
 
 
 class JointBlockCache(NamedTuple):
     x: StreamCache
     ctx: StreamCache
     attn: JointAttentionCache
-
-
-def _stream_post(s, out, gate_msa, shift_mlp, scale_mlp, gate_mlp, P, ff):
-    """s = s + gate_msa out;  s = s + gate_mlp FF(LN(s) (1 + scale_mlp) + shift_mlp). Returns s and the caches."""
-    s, gate1 = gated_residual_forward(s, gate_msa, out)
-    h, norm2 = adaln_forward(s, shift_mlp, scale_mlp)
-    h, ff_cache = mlp_forward(h, *take(P, ff, FF))
-    s, gate2 = gated_residual_forward(s, gate_mlp, h)
-    return s, (gate1, norm2, ff_cache, gate2)
 
 
 def block_forward(x, ctx, c_act, P, prefix, num_heads, qk_norm, pre_only):
@@ -429,26 +418,13 @@ def block_forward(x, ctx, c_act, P, prefix, num_heads, qk_norm, pre_only):
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = chunks(cmod, 6)
         hc, norm1_c = adaln_forward(ctx, c_shift_msa, c_scale_msa)
     ax, ac, attn = joint_attention_forward(hx, hc, P, prefix, num_heads, qk_norm, pre_only)
-    x, post_x = _stream_post(x, ax, gate_msa, shift_mlp, scale_mlp, gate_mlp, P, prefix + "ff.")
-    if pre_only:
-        ctx, post_c = None, (None,) * 4
+    x, mlp_x = adaln_zero_mlp_forward(x, ax, gate_msa, shift_mlp, scale_mlp, gate_mlp, *take(P, prefix + "ff.", FF))
+    if pre_only:  # the text stream's output is discarded
+        ctx = mlp_c = None
     else:
-        ctx, post_c = _stream_post(ctx, ac, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp, P,
-                                   prefix + "ff_context.")
-    cache = JointBlockCache(StreamCache(mod_x, norm1_x, *post_x), StreamCache(mod_c, norm1_c, *post_c), attn)
-    return x, ctx, cache
-
-
-def _stream_post_backward(ds, cache, P_prefix, grads):
-    """Backward of _stream_post: returns ds (the residual path), dgate_msa, dout (the attention output's gradient),
-    dshift_mlp, dscale_mlp, dgate_mlp."""
-    ds, dgate_mlp, dh = gated_residual_backward(ds, cache.gate2)
-    dh, *dff = mlp_backward(dh, cache.ff)
-    grads.update(named(P_prefix, FF, dff))
-    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, cache.norm2)
-    ds = ds + dh
-    ds, dgate_msa, dout = gated_residual_backward(ds, cache.gate1)
-    return ds, dgate_msa, dout, dshift_mlp, dscale_mlp, dgate_mlp
+        ctx, mlp_c = adaln_zero_mlp_forward(ctx, ac, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp,
+                                            *take(P, prefix + "ff_context.", FF))
+    return x, ctx, JointBlockCache(StreamCache(mod_x, norm1_x, mlp_x), StreamCache(mod_c, norm1_c, mlp_c), attn)
 
 
 def block_backward(dx, dctx, cache, prefix, grads):
@@ -456,11 +432,13 @@ def block_backward(dx, dctx, cache, prefix, grads):
     `grads`; returns dx, dctx, dc_act."""
     xp = get_xp(dx)
     pre_only = cache.attn.pre_only
-    dx, dgate_msa, dax, dshift_mlp, dscale_mlp, dgate_mlp = _stream_post_backward(dx, cache.x, prefix + "ff.", grads)
+    dx, dax, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp, *d = adaln_zero_mlp_backward(dx, cache.x.mlp)
+    grads.update(named(prefix + "ff.", FF, d))
     dac = None
     if not pre_only:
-        dctx, c_dgate_msa, dac, c_dshift_mlp, c_dscale_mlp, c_dgate_mlp = _stream_post_backward(
-            dctx, cache.ctx, prefix + "ff_context.", grads)
+        dctx, dac, c_dgate_msa, c_dshift_mlp, c_dscale_mlp, c_dgate_mlp, *d = adaln_zero_mlp_backward(
+            dctx, cache.ctx.mlp)
+        grads.update(named(prefix + "ff_context.", FF, d))
     dhx, dhc = joint_attention_backward(dax, dac, cache.attn, prefix, grads)
     dh, dshift_msa, dscale_msa = adaln_backward(dhx, cache.x.norm1)
     dx = dx + dh
