@@ -24,10 +24,9 @@ from .layers import (
     mlp_backward, mlp_forward, silu_backward, silu_forward, split_heads, unpatchify, unpatchify_backward,
 )
 from .model import (
-    ATTN, FINAL, LINEAR, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs, embedder_shapes,
-    init_params, linear_shapes,
+    ATTN, FINAL, MLP, DiT, DiTSpec, attention_mlp_shapes, block_macs, embedder_macs, embedder_shapes, init_params,
 )
-from .params import named, take
+from .params import LINEAR, linear_shapes, named, take
 from .xp import get_xp
 
 CROSS = "q.weight q.bias kv.weight kv.bias proj.weight proj.bias"

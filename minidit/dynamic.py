@@ -10,6 +10,8 @@ output, not c = t + y) and switch attention heads and groups of MLP channels on 
     depth    block gate  m_b = 1[W_b temb + b_b > 0]   (N, 1)    x <- x + m_b (block(x) - x): the block runs or not
 
 The second option (depth) is the timestep-wise depth the "early exit" idea asks for: fewer blocks at some steps.
+Both run DiT's own block: width with the two gates as its masks (minidit.model.block_forward's head_mask and
+hidden_mask), depth inside the gated residual above.
 
 Training fine-tunes a trained DiT (every router starts with weight 0 and bias ROUTER_BIAS, so every gate is on and
 the model is exactly its parent) with the diffusion loss plus DyDiT's FLOPs target:
@@ -40,16 +42,13 @@ import numpy as np
 
 from .cli import nonnegative_int, unit_interval
 from .layers import (
-    adaln_backward, adaln_forward, attend_backward, attend_forward, chunks, gated_residual_backward,
-    gated_residual_forward, gelu_backward, gelu_forward, linear_backward, linear_forward, merge_heads, qkv_backward,
-    qkv_forward, silu_backward, silu_forward, split_heads, final_layer_backward, final_layer_forward,
+    final_layer_backward, final_layer_forward, linear_backward, linear_forward, silu_backward, silu_forward,
     timestep_embedder_backward, timestep_embedder_forward, unpatchify, unpatchify_backward,
 )
 from .model import (
-    ATTN, EMBED_T, FINAL, LINEAR, MLP, DiT, DiTCache, DiTSpec, block_backward, block_forward, block_macs,
-    forward_macs,
+    ATTN, EMBED_T, FINAL, MLP, DiT, DiTCache, DiTSpec, block_backward, block_forward, block_macs, forward_macs,
 )
-from .params import named, take
+from .params import LINEAR, named, take
 from .xp import get_xp, to_numpy
 
 DYNAMIC = ("width", "depth")  # what the routers switch: heads and MLP channel groups, or whole blocks
@@ -98,84 +97,6 @@ def gate_backward(dgate, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# The block with width gates (training): DiT's adaLN-Zero block with two multiplications inserted
-#     x = x + gate_msa * proj(m_h . attend(qkv(modulate(norm1(x)))))      m_h per head
-#     x = x + gate_mlp * fc2(m_g . gelu(fc1(modulate(norm2(x)))))          m_g per group of 4D/NH hidden units
-# ----------------------------------------------------------------------------------------------
-class WidthBlockCache(NamedTuple):
-    modulation: Any
-    norm1: Any
-    qkv: Any  # LinearCache of qkv
-    attend: Any  # AttendCache
-    heads: Any  # (N, NH, T, hs) the attention's output before the head gates
-    head_gates: Any  # (N, NH)
-    proj: Any
-    gate1: Any
-    norm2: Any
-    fc1: Any
-    act: Any  # GELUCache
-    hidden: Any  # (N, T, 4D) gelu(fc1(.)) before the group gates
-    group_gates: Any  # (N, NH)
-    fc2: Any
-    gate2: Any
-
-
-def expand_groups(gates, width):
-    """(N, G) group gates -> (N, 1, width): each gate repeated over its width / G contiguous channels."""
-    return get_xp(gates).repeat(gates, width // gates.shape[1], axis=1)[:, None, :]
-
-
-def width_block_forward(x, c_act, P, prefix, num_heads, head_gates, group_gates):
-    """x (N, T, D), c_act = silu(c) (N, D), head_gates and group_gates (N, NH) -> (N, T, D), cache."""
-    mod, mod_cache = linear_forward(c_act, *take(P, prefix + "adaLN_modulation.1.", LINEAR))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks(mod, 6)
-    h, norm1_cache = adaln_forward(x, shift_msa, scale_msa)
-    w_qkv, b_qkv, w_proj, b_proj = take(P, prefix, ATTN)
-    (q, k, v), qkv_cache = qkv_forward(h, w_qkv, b_qkv, num_heads)
-    heads, attend_cache = attend_forward(q, k, v)  # (N, NH, T, hs)
-    h, proj_cache = linear_forward(merge_heads(heads * head_gates[:, :, None, None]), w_proj, b_proj)
-    x, gate1_cache = gated_residual_forward(x, gate_msa, h)
-    h, norm2_cache = adaln_forward(x, shift_mlp, scale_mlp)
-    w1, b1, w2, b2 = take(P, prefix, MLP)
-    h, fc1_cache = linear_forward(h, w1, b1)
-    hidden, act_cache = gelu_forward(h)  # (N, T, 4D)
-    h, fc2_cache = linear_forward(hidden * expand_groups(group_gates, hidden.shape[-1]), w2, b2)
-    x, gate2_cache = gated_residual_forward(x, gate_mlp, h)
-    return x, WidthBlockCache(mod_cache, norm1_cache, qkv_cache, attend_cache, heads, head_gates, proj_cache,
-                              gate1_cache, norm2_cache, fc1_cache, act_cache, hidden, group_gates, fc2_cache,
-                              gate2_cache)
-
-
-def width_block_backward(dout, cache, prefix, grads):
-    """Backward of width_block_forward: writes the block's parameter gradients into `grads`; returns dx, dc_act and
-    the gates' gradients dhead_gates, dgroup_gates (N, NH)."""
-    xp = get_xp(dout)
-    c = cache
-    N, NH = c.group_gates.shape
-    dx, dgate_mlp, dh = gated_residual_backward(dout, c.gate2)
-    dgated, dw2, db2 = linear_backward(dh, c.fc2)  # (N, T, 4D)
-    dgroup_gates = (dgated * c.hidden).sum(axis=1).reshape(N, NH, -1).sum(axis=2)  # each group's channels summed
-    dh = gelu_backward(dgated * expand_groups(c.group_gates, dgated.shape[-1]), c.act)
-    dh, dw1, db1 = linear_backward(dh, c.fc1)
-    grads.update(named(prefix, MLP, (dw1, db1, dw2, db2)))
-    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, c.norm2)
-    dx = dx + dh
-    dx, dgate_msa, dh = gated_residual_backward(dx, c.gate1)
-    dgated, dw_proj, db_proj = linear_backward(dh, c.proj)
-    dgated = split_heads(dgated, NH)  # (N, NH, T, hs)
-    dhead_gates = (dgated * c.heads).sum(axis=(2, 3))
-    dq, dk, dv = attend_backward(dgated * c.head_gates[:, :, None, None], c.attend)
-    dh, dw_qkv, db_qkv = qkv_backward(dq, dk, dv, c.qkv)
-    grads.update(named(prefix, ATTN, (dw_qkv, db_qkv, dw_proj, db_proj)))
-    dh, dshift_msa, dscale_msa = adaln_backward(dh, c.norm1)
-    dx = dx + dh
-    dmod = xp.concatenate([dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp], axis=1)
-    dc_act, *dlin = linear_backward(dmod, c.modulation)
-    grads.update(named(prefix + "adaLN_modulation.1.", LINEAR, dlin))
-    return dx, dc_act, dhead_gates, dgroup_gates
-
-
-# ----------------------------------------------------------------------------------------------
 # The block with a depth gate (training): x <- x + m_b (block(x) - x), DiT's block unchanged
 # ----------------------------------------------------------------------------------------------
 class DepthBlockCache(NamedTuple):
@@ -202,7 +123,7 @@ def depth_block_backward(dout, cache, prefix, grads):
 # The model
 # ----------------------------------------------------------------------------------------------
 class DynamicCache(NamedTuple):
-    dit: Any  # DiTCache (its blocks: WidthBlockCache or DepthBlockCache)
+    dit: Any  # DiTCache (its blocks: BlockCache with masks (width) or DepthBlockCache)
     routers: list  # per block: (LinearCache, RouterCache) for each of its routers
 
 
@@ -377,11 +298,9 @@ class DynamicDiT(DiT):
         gates, router_caches = self.route(temb, hard)
         c_act, c_silu_cache = silu_forward(temb + yemb)
         blocks = []
+        block_forward_fn = block_forward if self.dynamic == "width" else depth_block_forward
         for i in range(self.depth):
-            if self.dynamic == "width":
-                h, block_cache = width_block_forward(h, c_act, P, f"blocks.{i}.", self.num_heads, *gates[i])
-            else:
-                h, block_cache = depth_block_forward(h, c_act, P, f"blocks.{i}.", self.num_heads, *gates[i])
+            h, block_cache = block_forward_fn(h, c_act, P, f"blocks.{i}.", self.num_heads, *gates[i])
             if cache:
                 blocks.append(block_cache)
         h, final_cache = final_layer_forward(h, c_act, *take(P, "", FINAL))
@@ -398,7 +317,7 @@ class DynamicDiT(DiT):
         dh, dc_act, *dfinal = final_layer_backward(dh, c.final)
         grads.update(named("", FINAL, dfinal))
         dgates = [None] * self.depth
-        block_backward_fn = width_block_backward if self.dynamic == "width" else depth_block_backward
+        block_backward_fn = block_backward if self.dynamic == "width" else depth_block_backward
         for i in reversed(range(self.depth)):
             dh, dc_act_i, *dgates[i] = block_backward_fn(dh, c.blocks[i], f"blocks.{i}.", grads)
             if release:

@@ -9,9 +9,10 @@ backward is checked against central differences in float64 in tests/test_layers.
 
 These are the pieces models compose: the ops (linear, LayerNorm, softmax, ...), the sublayers built from them
 (attention in three steps: qkv_forward -> attend_forward -> linear_forward, the MLP, adaLN modulation, the gated
-residual), and DiT's embedders and final layer. A model never copies them: MM-DiT runs qkv_forward on each of its
-streams and one attend_forward over both; a video DiT reshapes its tokens and calls attention_forward; a dynamic-width
-DiT passes sliced weights.
+residual, adaLN-Zero's MLP half), and DiT's embedders and final layer. A model never copies them: MM-DiT runs
+qkv_forward on each of its streams, one attend_forward over both and adaln_zero_mlp_forward on each; a video DiT
+reshapes its tokens and calls attention_forward; a dynamic-width DiT passes sliced weights, or masks (head_mask,
+hidden_mask) that switch off heads and hidden units.
 
 Functions marked @fused return arrays only and also have a fused CUDA kernel (minidit.cuda_kernels) that CuPy runs
 instead, one pass over memory in place of several; the code here is the reference, which NumPy runs and the kernels
@@ -190,6 +191,34 @@ def gated_residual_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
+# Group mask (Dynamic DiT's gates): out = x * m, m (N, G) one value per example and group of C / G contiguous channels,
+# broadcast over the T tokens
+# ----------------------------------------------------------------------------------------------
+class GroupMaskCache(NamedTuple):
+    x: Array  # (N, T, C) the input
+    mask: Array  # (N, G)
+
+
+def expand_groups(mask, width):
+    """(N, G) -> (N, 1, width): each value repeated over its width / G contiguous channels."""
+    return get_xp(mask).repeat(mask, width // mask.shape[1], axis=1)[:, None, :]
+
+
+def group_mask_forward(x, mask):
+    """x (N, T, C), mask (N, G) -> x * expand_groups(mask) (N, T, C)."""
+    return x * expand_groups(mask, x.shape[-1]), GroupMaskCache(x, mask)
+
+
+def group_mask_backward(dout, cache):
+    """dx = dout * m (expanded),   dm_g = sum over the tokens and the group's channels of dout * x."""
+    x, mask = cache
+    N, G = mask.shape
+    dx = dout * expand_groups(mask, x.shape[-1])
+    dmask = sum_rows(dout * x).reshape(N, G, -1).sum(axis=2)  # (N, C) -> (N, G, C / G) -> (N, G)
+    return dx, dmask
+
+
+# ----------------------------------------------------------------------------------------------
 # Activations
 # ----------------------------------------------------------------------------------------------
 class SiLUCache(NamedTuple):
@@ -356,23 +385,34 @@ def attend_backward(dy, cache):
 class AttentionCache(NamedTuple):
     qkv: LinearCache  # input x (N, T, D) and W_qkv
     attend: AttendCache
+    mask: Any  # GroupMaskCache of the head mask; None without one
     proj: LinearCache  # heads concatenated (N, T, D) and W_proj
 
 
-def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads):
-    """Multi-head self-attention: x (N, T, D) -> proj(attend(qkv(x))) (N, T, D_out)."""
+def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, head_mask=None):
+    """Multi-head self-attention: x (N, T, D) -> proj(attend(qkv(x))) (N, T, D_out).
+
+    head_mask (N, NH), optional: each head's output multiplied by its example's value before proj (Dynamic DiT's head
+    gates); a head's hs channels are contiguous in merge_heads(y), so it is a group mask with NH groups."""
     (q, k, v), qkv_cache = qkv_forward(x, w_qkv, b_qkv, num_heads)
     y, attend_cache = attend_forward(q, k, v)
-    out, proj_cache = linear_forward(merge_heads(y), w_proj, b_proj)
-    return out, AttentionCache(qkv_cache, attend_cache, proj_cache)
+    h = merge_heads(y)  # (N, T, D)
+    mask_cache = None
+    if head_mask is not None:
+        h, mask_cache = group_mask_forward(h, head_mask)
+    out, proj_cache = linear_forward(h, w_proj, b_proj)
+    return out, AttentionCache(qkv_cache, attend_cache, mask_cache, proj_cache)
 
 
 def attention_backward(dout, cache):
-    """Returns dx, dW_qkv, db_qkv, dW_proj, db_proj."""
-    dy, dw_proj, db_proj = linear_backward(dout, cache.proj)
-    dq, dk, dv = attend_backward(split_heads(dy, cache.attend.q.shape[1]), cache.attend)
+    """Returns dx, dW_qkv, db_qkv, dW_proj, db_proj, and dhead_mask (N, NH) when the forward had a head mask."""
+    dh, dw_proj, db_proj = linear_backward(dout, cache.proj)
+    if cache.mask is not None:
+        dh, dhead_mask = group_mask_backward(dh, cache.mask)
+    dq, dk, dv = attend_backward(split_heads(dh, cache.attend.q.shape[1]), cache.attend)
     dx, dw_qkv, db_qkv = qkv_backward(dq, dk, dv, cache.qkv)
-    return dx, dw_qkv, db_qkv, dw_proj, db_proj
+    grads = dx, dw_qkv, db_qkv, dw_proj, db_proj
+    return grads if cache.mask is None else (*grads, dhead_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,24 +425,68 @@ ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "silu": (silu_forward, sil
 class MLPCache(NamedTuple):
     fc1: LinearCache
     act: Any  # GELUCache or SiLUCache
+    mask: Any  # GroupMaskCache of the hidden mask; None without one
     fc2: LinearCache
     activation: str  # "gelu" or "silu"
 
 
-def mlp_forward(x, w1, b1, w2, b2, activation="gelu"):
-    """x (..., D) -> fc1 (..., H) -> activation -> fc2 (..., D_out)."""
+def mlp_forward(x, w1, b1, w2, b2, activation="gelu", hidden_mask=None):
+    """x (..., D) -> fc1 (..., H) -> activation -> fc2 (..., D_out).
+
+    hidden_mask (N, G), optional, with x (N, T, D): the hidden units multiplied after the activation, each of the G
+    values over H / G contiguous units (Dynamic DiT's group gates)."""
     h, fc1_cache = linear_forward(x, w1, b1)
     h, act_cache = ACTIVATIONS[activation][0](h)
+    mask_cache = None
+    if hidden_mask is not None:
+        h, mask_cache = group_mask_forward(h, hidden_mask)
     out, fc2_cache = linear_forward(h, w2, b2)
-    return out, MLPCache(fc1_cache, act_cache, fc2_cache, activation)
+    return out, MLPCache(fc1_cache, act_cache, mask_cache, fc2_cache, activation)
 
 
 def mlp_backward(dout, cache):
-    """Returns dx, dW1, db1, dW2, db2."""
+    """Returns dx, dW1, db1, dW2, db2, and dhidden_mask (N, G) when the forward had a hidden mask."""
     dh, dw2, db2 = linear_backward(dout, cache.fc2)
+    if cache.mask is not None:
+        dh, dhidden_mask = group_mask_backward(dh, cache.mask)
     dh = ACTIVATIONS[cache.activation][1](dh, cache.act)
     dx, dw1, db1 = linear_backward(dh, cache.fc1)
-    return dx, dw1, db1, dw2, db2
+    grads = dx, dw1, db1, dw2, db2
+    return grads if cache.mask is None else (*grads, dhidden_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# adaLN-Zero's MLP half: what a block does with its attention's output (the second half of DiTBlock.forward),
+# shared by DiT's block and by each token stream of MM-DiT's joint block:
+#     x = x + gate_msa * attn_out
+#     x = x + gate_mlp * mlp(modulate(LN(x), shift_mlp, scale_mlp))
+# ----------------------------------------------------------------------------------------------
+class AdaLNZeroMLPCache(NamedTuple):
+    gate1: GateCache  # gate_msa and the attention's output
+    norm2: AdaLNCache  # LayerNorm, then modulate with shift_mlp, scale_mlp
+    mlp: MLPCache
+    gate2: GateCache  # gate_mlp and the MLP's output
+
+
+def adaln_zero_mlp_forward(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, w1, b1, w2, b2, hidden_mask=None):
+    """x, attn_out (N, T, D), the four modulations (N, D) each, the GELU MLP's weights -> x (N, T, D), cache.
+    hidden_mask (N, G), optional: mlp_forward's."""
+    x, gate1_cache = gated_residual_forward(x, gate_msa, attn_out)
+    h, norm2_cache = adaln_forward(x, shift_mlp, scale_mlp)
+    h, mlp_cache = mlp_forward(h, w1, b1, w2, b2, hidden_mask=hidden_mask)
+    x, gate2_cache = gated_residual_forward(x, gate_mlp, h)
+    return x, AdaLNZeroMLPCache(gate1_cache, norm2_cache, mlp_cache, gate2_cache)
+
+
+def adaln_zero_mlp_backward(dout, cache):
+    """Returns dx, dattn_out, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp, dW1, db1, dW2, db2, and dhidden_mask when
+    the forward had a hidden mask."""
+    dx, dgate_mlp, dh = gated_residual_backward(dout, cache.gate2)
+    dh, *dmlp = mlp_backward(dh, cache.mlp)
+    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, cache.norm2)
+    dx = dx + dh  # the residual path plus the branch
+    dx, dgate_msa, dattn_out = gated_residual_backward(dx, cache.gate1)
+    return dx, dattn_out, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp, *dmlp
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,14 +67,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .layers import (
-    FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, attend_backward, attend_forward, chunks,
-    gated_residual_backward, gated_residual_forward, linear_backward, linear_forward, merge_heads, mlp_backward,
-    mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward, rmsnorm_backward,
+    FREQ_DIM, LinearCache, SiLUCache, adaln_backward, adaln_forward, adaln_zero_mlp_backward, adaln_zero_mlp_forward,
+    attend_backward, attend_forward, chunks, get_1d_sincos_pos_embed, linear_backward, linear_forward, merge_heads,
+    mlp_backward, mlp_forward, patch_embed_backward, patch_embed_forward, qkv_backward, qkv_forward, rmsnorm_backward,
     rmsnorm_forward, silu_backward, silu_forward, split_heads, timestep_embedder_backward, timestep_embedder_forward,
     unpatchify_backward, unpatchify_grid,
 )
 from .contract import Model, Spec, check_array
-from .params import named, take
+from .params import LINEAR, linear_shapes, named, take
 from .xp import get_xp
 
 QK_NORMS = (None, "rms_norm")
@@ -162,12 +162,7 @@ TIME = " ".join(f"time_text_embed.timestep_embedder.linear_{i}.{w}" for i in (1,
 TEXT = " ".join(f"time_text_embed.text_embedder.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias"))
 CONTEXT = "context_embedder.weight context_embedder.bias"
 FF = "net.0.proj.weight net.0.proj.bias net.2.weight net.2.bias"
-LINEAR = "weight bias"
 QK_NORM_NAMES = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
-
-
-def _linear(name, n_out, n_in):
-    return {name + ".weight": (n_out, n_in), name + ".bias": (n_out,)}
 
 
 def param_shapes(spec, **overrides):
@@ -176,31 +171,31 @@ def param_shapes(spec, **overrides):
     s = MMDiTSpec.of(spec, **overrides)
     D, p, hs, M = s.inner_dim, s.patch_size, s.attention_head_dim, s.pos_embed_max_size
     shapes = {POS: (1, M * M, D), "pos_embed.proj.weight": (D, s.in_channels, p, p), "pos_embed.proj.bias": (D,),
-              **_linear("time_text_embed.timestep_embedder.linear_1", D, FREQ_DIM),
-              **_linear("time_text_embed.timestep_embedder.linear_2", D, D),
-              **_linear("time_text_embed.text_embedder.linear_1", D, s.pooled_projection_dim),
-              **_linear("time_text_embed.text_embedder.linear_2", D, D),
-              **_linear("context_embedder", D, s.joint_attention_dim)}
+              **linear_shapes("time_text_embed.timestep_embedder.linear_1.", D, FREQ_DIM),
+              **linear_shapes("time_text_embed.timestep_embedder.linear_2.", D, D),
+              **linear_shapes("time_text_embed.text_embedder.linear_1.", D, s.pooled_projection_dim),
+              **linear_shapes("time_text_embed.text_embedder.linear_2.", D, D),
+              **linear_shapes("context_embedder.", D, s.joint_attention_dim)}
     for i in range(s.num_layers):
         b, pre_only = f"transformer_blocks.{i}.", i == s.num_layers - 1
-        shapes.update(_linear(b + "norm1.linear", 6 * D, D))
-        shapes.update(_linear(b + "norm1_context.linear", (2 if pre_only else 6) * D, D))
+        shapes.update(linear_shapes(b + "norm1.linear.", 6 * D, D))
+        shapes.update(linear_shapes(b + "norm1_context.linear.", (2 if pre_only else 6) * D, D))
         if s.qk_norm:
             shapes.update({b + "attn.norm_q.weight": (hs,), b + "attn.norm_k.weight": (hs,)})
-        shapes.update(_linear(b + "attn.qkv", 3 * D, D))
-        shapes.update(_linear(b + "attn.add_qkv", 3 * D, D))  # the pre-only block keeps its q rows, as diffusers
-        shapes.update(_linear(b + "attn.to_out.0", D, D))
+        shapes.update(linear_shapes(b + "attn.qkv.", 3 * D, D))
+        shapes.update(linear_shapes(b + "attn.add_qkv.", 3 * D, D))  # the pre-only block keeps its q rows, as diffusers
+        shapes.update(linear_shapes(b + "attn.to_out.0.", D, D))
         if not pre_only:
-            shapes.update(_linear(b + "attn.to_add_out", D, D))
+            shapes.update(linear_shapes(b + "attn.to_add_out.", D, D))
         if s.qk_norm:
             shapes.update({b + "attn.norm_added_q.weight": (hs,), b + "attn.norm_added_k.weight": (hs,)})
-        shapes.update(_linear(b + "ff.net.0.proj", 4 * D, D))
-        shapes.update(_linear(b + "ff.net.2", D, 4 * D))
+        shapes.update(linear_shapes(b + "ff.net.0.proj.", 4 * D, D))
+        shapes.update(linear_shapes(b + "ff.net.2.", D, 4 * D))
         if not pre_only:
-            shapes.update(_linear(b + "ff_context.net.0.proj", 4 * D, D))
-            shapes.update(_linear(b + "ff_context.net.2", D, 4 * D))
-    shapes.update(_linear("norm_out.linear", 2 * D, D))
-    shapes.update(_linear("proj_out", p * p * s.out_dim, D))
+            shapes.update(linear_shapes(b + "ff_context.net.0.proj.", 4 * D, D))
+            shapes.update(linear_shapes(b + "ff_context.net.2.", D, 4 * D))
+    shapes.update(linear_shapes("norm_out.linear.", 2 * D, D))
+    shapes.update(linear_shapes("proj_out.", p * p * s.out_dim, D))
     return shapes
 
 
@@ -214,13 +209,8 @@ def sd3_pos_embed(embed_dim, max_size, base_size, interpolation_scale=1.0):
     rounded to float32, as diffusers registers it (`.float()`)."""
     pos = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size) / np.float32(interpolation_scale)
     rows, cols = np.meshgrid(pos.astype(np.float64), pos.astype(np.float64), indexing="ij")  # each (M, M)
-
-    def emb_1d(dim, x):  # x (K,) -> (K, dim)
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-        out = np.outer(x, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    table = np.concatenate([emb_1d(embed_dim // 2, cols.ravel()), emb_1d(embed_dim // 2, rows.ravel())], axis=1)
+    table = np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, cols.ravel()),
+                            get_1d_sincos_pos_embed(embed_dim // 2, rows.ravel())], axis=1)
     return table.astype(np.float32).astype(np.float64)
 
 
@@ -383,31 +373,20 @@ def joint_attention_backward(dout_x, dout_c, cache, prefix, grads):
 
 
 # ----------------------------------------------------------------------------------------------
-# The joint block (JointTransformerBlock.forward)
+# The joint block (JointTransformerBlock.forward): per stream DiT's adaLN-Zero block, the attention shared; each
+# stream's second half is minidit.layers.adaln_zero_mlp_forward, as in DiT's block
 # ----------------------------------------------------------------------------------------------
 class StreamCache(NamedTuple):
     """One stream's modulation and branches around the shared attention."""
     modulation: LinearCache  # norm1.linear / norm1_context.linear, input silu(c) (N, D)
     norm1: Any  # AdaLNCache
-    gate1: Any  # GateCache; None for the pre-only text stream (and so are the rest)
-    norm2: Any
-    ff: Any  # MLPCache
-    gate2: Any
+    mlp: Any  # AdaLNZeroMLPCache (the attention's gated residual, then ff); None for the pre-only text stream
 
 
 class JointBlockCache(NamedTuple):
     x: StreamCache
     ctx: StreamCache
     attn: JointAttentionCache
-
-
-def _stream_post(s, out, gate_msa, shift_mlp, scale_mlp, gate_mlp, P, ff):
-    """s = s + gate_msa out;  s = s + gate_mlp FF(LN(s) (1 + scale_mlp) + shift_mlp). Returns s and the caches."""
-    s, gate1 = gated_residual_forward(s, gate_msa, out)
-    h, norm2 = adaln_forward(s, shift_mlp, scale_mlp)
-    h, ff_cache = mlp_forward(h, *take(P, ff, FF))
-    s, gate2 = gated_residual_forward(s, gate_mlp, h)
-    return s, (gate1, norm2, ff_cache, gate2)
 
 
 def block_forward(x, ctx, c_act, P, prefix, num_heads, qk_norm, pre_only):
@@ -423,26 +402,13 @@ def block_forward(x, ctx, c_act, P, prefix, num_heads, qk_norm, pre_only):
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = chunks(cmod, 6)
         hc, norm1_c = adaln_forward(ctx, c_shift_msa, c_scale_msa)
     ax, ac, attn = joint_attention_forward(hx, hc, P, prefix, num_heads, qk_norm, pre_only)
-    x, post_x = _stream_post(x, ax, gate_msa, shift_mlp, scale_mlp, gate_mlp, P, prefix + "ff.")
-    if pre_only:
-        ctx, post_c = None, (None,) * 4
+    x, mlp_x = adaln_zero_mlp_forward(x, ax, gate_msa, shift_mlp, scale_mlp, gate_mlp, *take(P, prefix + "ff.", FF))
+    if pre_only:  # the text stream's output is discarded
+        ctx = mlp_c = None
     else:
-        ctx, post_c = _stream_post(ctx, ac, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp, P,
-                                   prefix + "ff_context.")
-    cache = JointBlockCache(StreamCache(mod_x, norm1_x, *post_x), StreamCache(mod_c, norm1_c, *post_c), attn)
-    return x, ctx, cache
-
-
-def _stream_post_backward(ds, cache, P_prefix, grads):
-    """Backward of _stream_post: returns ds (the residual path), dgate_msa, dout (the attention output's gradient),
-    dshift_mlp, dscale_mlp, dgate_mlp."""
-    ds, dgate_mlp, dh = gated_residual_backward(ds, cache.gate2)
-    dh, *dff = mlp_backward(dh, cache.ff)
-    grads.update(named(P_prefix, FF, dff))
-    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, cache.norm2)
-    ds = ds + dh
-    ds, dgate_msa, dout = gated_residual_backward(ds, cache.gate1)
-    return ds, dgate_msa, dout, dshift_mlp, dscale_mlp, dgate_mlp
+        ctx, mlp_c = adaln_zero_mlp_forward(ctx, ac, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp,
+                                            *take(P, prefix + "ff_context.", FF))
+    return x, ctx, JointBlockCache(StreamCache(mod_x, norm1_x, mlp_x), StreamCache(mod_c, norm1_c, mlp_c), attn)
 
 
 def block_backward(dx, dctx, cache, prefix, grads):
@@ -450,11 +416,13 @@ def block_backward(dx, dctx, cache, prefix, grads):
     `grads`; returns dx, dctx, dc_act."""
     xp = get_xp(dx)
     pre_only = cache.attn.pre_only
-    dx, dgate_msa, dax, dshift_mlp, dscale_mlp, dgate_mlp = _stream_post_backward(dx, cache.x, prefix + "ff.", grads)
+    dx, dax, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp, *d = adaln_zero_mlp_backward(dx, cache.x.mlp)
+    grads.update(named(prefix + "ff.", FF, d))
     dac = None
     if not pre_only:
-        dctx, c_dgate_msa, dac, c_dshift_mlp, c_dscale_mlp, c_dgate_mlp = _stream_post_backward(
-            dctx, cache.ctx, prefix + "ff_context.", grads)
+        dctx, dac, c_dgate_msa, c_dshift_mlp, c_dscale_mlp, c_dgate_mlp, *d = adaln_zero_mlp_backward(
+            dctx, cache.ctx.mlp)
+        grads.update(named(prefix + "ff_context.", FF, d))
     dhx, dhc = joint_attention_backward(dax, dac, cache.attn, prefix, grads)
     dh, dshift_msa, dscale_msa = adaln_backward(dhx, cache.x.norm1)
     dx = dx + dh

@@ -21,14 +21,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .layers import (
-    FREQ_DIM, adaln_backward, adaln_forward, attention_backward, attention_forward, chunks, embedding_backward,
-    embedding_forward, final_layer_backward, final_layer_forward, gated_residual_backward, gated_residual_forward,
-    get_2d_sincos_pos_embed, linear_backward, linear_forward, mlp_backward, mlp_forward, patch_embed_backward,
-    patch_embed_forward, silu_backward, silu_forward, timestep_embedder_backward, timestep_embedder_forward,
-    unpatchify, unpatchify_backward,
+    FREQ_DIM, adaln_backward, adaln_forward, adaln_zero_mlp_backward, adaln_zero_mlp_forward, attention_backward,
+    attention_forward, chunks, embedding_backward, embedding_forward, final_layer_backward, final_layer_forward,
+    get_2d_sincos_pos_embed, linear_backward, linear_forward, patch_embed_backward, patch_embed_forward, silu_backward,
+    silu_forward, timestep_embedder_backward, timestep_embedder_forward, unpatchify, unpatchify_backward,
 )
 from .contract import Model, Spec, check_array
-from .params import named, take, xavier_uniform
+from .params import LINEAR, linear_shapes, named, take, xavier_uniform
 from .xp import get_xp
 
 
@@ -131,10 +130,6 @@ def attention_mlp_shapes(prefix, cfg):
             prefix + "mlp.fc2.weight": (D, hidden), prefix + "mlp.fc2.bias": (D,)}
 
 
-def linear_shapes(prefix, n_out, n_in):
-    return {prefix + "weight": (n_out, n_in), prefix + "bias": (n_out,)}
-
-
 def param_shapes(spec, **overrides):
     """name -> shape for every parameter of a DiT, in the official state_dict order.
     spec: a DiTSpec, or a variant name / DiTConfig with the other fields given by keyword."""
@@ -209,48 +204,42 @@ def init_params(shapes, seed, zero_names=("adaLN_modulation", "final_layer.linea
 # ----------------------------------------------------------------------------------------------
 ATTN = "attn.qkv.weight attn.qkv.bias attn.proj.weight attn.proj.bias"
 MLP = "mlp.fc1.weight mlp.fc1.bias mlp.fc2.weight mlp.fc2.bias"
-LINEAR = "weight bias"
 
 
 class BlockCache(NamedTuple):
     modulation: Any  # LinearCache of adaLN_modulation.1, whose input is silu(c) (N, D)
     norm1: Any  # AdaLNCache: LayerNorm, then modulate with shift_msa, scale_msa
     attn: Any  # AttentionCache
-    gate1: Any  # GateCache: gate_msa and the attention's output
-    norm2: Any
-    mlp: Any  # MLPCache
-    gate2: Any
+    mlp: Any  # AdaLNZeroMLPCache: the attention's gated residual, then the MLP branch
 
 
-def block_forward(x, c_act, P, prefix, num_heads):
-    """One adaLN-Zero block: x (N, T, D), c_act = silu(c) (N, D), P the params, prefix 'blocks.i.' -> (N, T, D)."""
+def block_forward(x, c_act, P, prefix, num_heads, head_mask=None, hidden_mask=None):
+    """One adaLN-Zero block: x (N, T, D), c_act = silu(c) (N, D), P the params, prefix 'blocks.i.' -> (N, T, D).
+
+    head_mask, hidden_mask (N, NH), optional (Dynamic DiT's gates): the attention's head mask, and the MLP's hidden
+    mask over NH groups of 4D / NH units (minidit.layers.attention_forward, mlp_forward)."""
     mod, mod_cache = linear_forward(c_act, *take(P, prefix + "adaLN_modulation.1.", LINEAR))  # (N, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks(mod, 6)
     h, norm1_cache = adaln_forward(x, shift_msa, scale_msa)
-    h, attn_cache = attention_forward(h, *take(P, prefix, ATTN), num_heads)
-    x, gate1_cache = gated_residual_forward(x, gate_msa, h)
-    h, norm2_cache = adaln_forward(x, shift_mlp, scale_mlp)
-    h, mlp_cache = mlp_forward(h, *take(P, prefix, MLP))
-    x, gate2_cache = gated_residual_forward(x, gate_mlp, h)
-    return x, BlockCache(mod_cache, norm1_cache, attn_cache, gate1_cache, norm2_cache, mlp_cache, gate2_cache)
+    h, attn_cache = attention_forward(h, *take(P, prefix, ATTN), num_heads, head_mask)
+    x, mlp_cache = adaln_zero_mlp_forward(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, *take(P, prefix, MLP),
+                                          hidden_mask)
+    return x, BlockCache(mod_cache, norm1_cache, attn_cache, mlp_cache)
 
 
 def block_backward(dout, cache, prefix, grads):
-    """Backward of block_forward: writes the block's parameter gradients into `grads`; returns dx, dc_act."""
-    dx, dgate_mlp, dh = gated_residual_backward(dout, cache.gate2)
-    dh, *dmlp = mlp_backward(dh, cache.mlp)
-    grads.update(named(prefix, MLP, dmlp))
-    dh, dshift_mlp, dscale_mlp = adaln_backward(dh, cache.norm2)
-    dx = dx + dh  # the residual path plus the branch
-    dx, dgate_msa, dh = gated_residual_backward(dx, cache.gate1)
+    """Backward of block_forward: writes the block's parameter gradients into `grads`; returns dx, dc_act, and
+    dhead_mask, dhidden_mask when the forward had them."""
+    dx, dh, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp, *dmlp = adaln_zero_mlp_backward(dout, cache.mlp)
+    grads.update(named(prefix, MLP, dmlp[:4]))
     dh, *dattn = attention_backward(dh, cache.attn)
-    grads.update(named(prefix, ATTN, dattn))
+    grads.update(named(prefix, ATTN, dattn[:4]))
     dh, dshift_msa, dscale_msa = adaln_backward(dh, cache.norm1)
-    dx = dx + dh
+    dx = dx + dh  # the residual path plus the branch
     dmod = get_xp(dout).concatenate([dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp], axis=1)
     dc_act, *dlin = linear_backward(dmod, cache.modulation)  # (N, 6D) -> (N, D)
     grads.update(named(prefix + "adaLN_modulation.1.", LINEAR, dlin))
-    return dx, dc_act
+    return dx, dc_act, *dattn[4:], *dmlp[4:]  # [4:]: the masks' gradients, when given
 
 
 EMBED_T = "t_embedder.mlp.0.weight t_embedder.mlp.0.bias t_embedder.mlp.2.weight t_embedder.mlp.2.bias"

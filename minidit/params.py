@@ -26,6 +26,14 @@ def named(prefix, names, values):
     return {prefix + n: v for n, v in zip(names, values)}
 
 
+LINEAR = "weight bias"  # the parameters of a Linear, as take and named read them
+
+
+def linear_shapes(prefix, n_out, n_in):
+    """The shapes of a Linear(n_in -> n_out) named prefix: weight (n_out, n_in), as PyTorch stores it, and bias."""
+    return {prefix + "weight": (n_out, n_in), prefix + "bias": (n_out,)}
+
+
 def check_keys(d, expected, what, shapes=None):
     """Strict key (and optionally shape) check: a ValueError starting with `what` that names the missing, unexpected
     and mis-shaped entries. `shapes`: name -> expected shape, checked against d[name].shape."""

@@ -34,9 +34,9 @@ from .cli import positive_int
 from .contract import check_array
 from .model import (
     EMBED_T, FINAL, LABELS, DiT, DiTSpec, attention_mlp_shapes, block_backward, block_forward, block_macs,
-    embedder_shapes, get_config, linear_shapes,
+    embedder_shapes, get_config,
 )
-from .params import named, take
+from .params import linear_shapes, named, take
 from .xp import get_xp, to_device
 
 ATTENTION = ("factorised", "full")

@@ -122,6 +122,67 @@ def test_attention_matches_definition(rng):
     np.testing.assert_allclose(out, np.concatenate(heads, -1) @ wp.T + bp, rtol=1e-10, atol=1e-10)
 
 
+@given(seed=seeds, N=st.integers(1, 3), T=st.integers(1, 4), G=st.integers(1, 3), width=st.integers(1, 3))
+def test_group_mask(seed, N, T, G, width):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, G * width), mask=randn(rng, N, G))
+    check((L.group_mask_forward, L.group_mask_backward), ["x", "mask"], inputs, rng)
+    out, _ = L.group_mask_forward(**inputs)
+    g = G - 1  # the last group: channels g * width .. (g + 1) * width - 1
+    np.testing.assert_array_equal(out[..., g * width:], inputs["x"][..., g * width:] * inputs["mask"][:, None, g:])
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), NH=st.integers(1, 3), hs=st.integers(1, 3))
+def test_attention_with_a_head_mask(seed, N, T, NH, hs):
+    """The mask's gradient is checked at real-valued masks; at a 0/1 mask, a head masked out is a head whose proj
+    columns are zero, and a mask of ones changes nothing."""
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    inputs = dict(x=randn(rng, N, T, D), w_qkv=randn(rng, 3 * D, D, scale=0.5), b_qkv=randn(rng, 3 * D),
+                  w_proj=randn(rng, D, D), b_proj=randn(rng, D), head_mask=randn(rng, N, NH))
+    check((lambda **kw: L.attention_forward(**kw, num_heads=NH), L.attention_backward),
+          ["x", "w_qkv", "b_qkv", "w_proj", "b_proj", "head_mask"], inputs, rng)
+    weights = [inputs[k] for k in ("w_qkv", "b_qkv", "w_proj", "b_proj")]
+    off = np.ones((N, NH))
+    off[:, -1] = 0
+    w_proj = inputs["w_proj"].copy()
+    w_proj[:, -hs:] = 0  # the last head's columns
+    np.testing.assert_allclose(L.attention_forward(inputs["x"], *weights, NH, off)[0],
+                               L.attention_forward(inputs["x"], *weights[:2], w_proj, weights[3], NH)[0],
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(L.attention_forward(inputs["x"], *weights, NH, np.ones((N, NH)))[0],
+                                  L.attention_forward(inputs["x"], *weights, NH)[0])
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), D=st.integers(1, 4), G=st.sampled_from([1, 2, 4]))
+def test_mlp_with_a_hidden_mask(seed, N, T, D, G):
+    """G groups of 4D / G hidden units; a group masked out is a group whose fc2 columns are zero."""
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D), w1=randn(rng, 4 * D, D), b1=randn(rng, 4 * D),
+                  w2=randn(rng, D, 4 * D), b2=randn(rng, D), hidden_mask=randn(rng, N, G))
+    check((lambda **kw: L.mlp_forward(**kw), L.mlp_backward), ["x", "w1", "b1", "w2", "b2", "hidden_mask"], inputs,
+          rng)
+    x, w1, b1, w2, b2 = (inputs[k] for k in ("x", "w1", "b1", "w2", "b2"))
+    off = np.ones((N, G))
+    off[:, 0] = 0
+    w2_off = w2.copy()
+    w2_off[:, :4 * D // G] = 0  # the first group's columns
+    np.testing.assert_allclose(L.mlp_forward(x, w1, b1, w2, b2, hidden_mask=off)[0],
+                               L.mlp_forward(x, w1, b1, w2_off, b2)[0], rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), D=st.sampled_from([3, 4, 6]), masked=st.booleans())
+def test_adaln_zero_mlp(seed, N, T, D, masked):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=randn(rng, N, T, D), attn_out=randn(rng, N, T, D), gate_msa=randn(rng, N, D),
+                  shift_mlp=randn(rng, N, D), scale_mlp=randn(rng, N, D), gate_mlp=randn(rng, N, D),
+                  w1=randn(rng, 4 * D, D, scale=0.5), b1=randn(rng, 4 * D), w2=randn(rng, D, 4 * D, scale=0.5),
+                  b2=randn(rng, D))
+    if masked:
+        inputs["hidden_mask"] = randn(rng, N, 2)
+    check((L.adaln_zero_mlp_forward, L.adaln_zero_mlp_backward), list(inputs), inputs, rng)
+
+
 @given(seed=seeds, N=st.integers(1, 2), T=st.integers(1, 4), S=st.integers(1, 3), NH=st.integers(1, 3),
        hs=st.integers(1, 3))
 def test_attend_over_another_key_set(seed, N, T, S, NH, hs):

@@ -3,10 +3,13 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from minidit import DiT, DiTConfig, DiTSpec, VARIANTS, forward_macs, get_config, param_shapes
 from minidit.conditioning import ConditioningDiT
-from minidit.gradcheck import rel_error, sampled_errors
+from minidit.gradcheck import check_backward, rel_error, sampled_errors
+from minidit.model import attention_mlp_shapes, block_backward, block_forward
+from minidit.params import linear_shapes
 
 # (total params, trainable, measured GMACs) at input 32, 4 channels, 1000 classes, learn_sigma: the official models.py
 # instantiated and counted (sum of p.numel(); trainable: p.requires_grad), docs/dit-facts.md
@@ -129,6 +132,34 @@ def test_full_model_backward_matches_finite_differences(learn_sigma, block):
         assert norm > 0 or name.endswith("embedding_table.weight"), f"{name}: vacuous check"
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
     print(f"worst relative error over all parameters and x: {max(e for e, _ in errors.values()):.2e}")
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 2), T=st.integers(1, 4), NH=st.integers(1, 3),
+       hs=st.integers(2, 3), masked=st.booleans())
+def test_block_backward_with_and_without_masks(seed, N, T, NH, hs, masked):
+    """One adaLN-Zero block at random parameters; with masks (Dynamic DiT's gates, real-valued here) their gradients
+    come back after dx and dc_act."""
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    cfg = DiTConfig(depth=1, hidden_size=D, num_heads=NH, patch_size=2)
+    shapes = {**attention_mlp_shapes("b.", cfg), **linear_shapes("b.adaLN_modulation.1.", 6 * D, D)}
+    P = {k: rng.standard_normal(s) * (s[1] ** -0.5 if len(s) == 2 else 0.5) for k, s in shapes.items()}
+    masks = dict(head_mask=rng.standard_normal((N, NH)), hidden_mask=rng.standard_normal((N, NH))) if masked else {}
+
+    def forward(x, c_act, **arrays):
+        params = {k: v for k, v in arrays.items() if k not in masks}
+        return block_forward(x, c_act, params, "b.", NH, **{k: arrays[k] for k in masks})
+
+    def backward(dout, cache):
+        grads = {}
+        dx, dc_act, *dmasks = block_backward(dout, cache, "b.", grads)
+        assert len(dmasks) == len(masks)
+        return {"x": dx, "c_act": dc_act, **grads, **dict(zip(masks, dmasks))}
+
+    inputs = dict(x=rng.standard_normal((N, T, D)), c_act=rng.standard_normal((N, D)), **P, **masks)
+    errors = check_backward(forward, backward, inputs, rng=rng, max_elems=20)
+    assert max(errors.values()) < 1e-6, errors
 
 
 def test_forward_without_cache_gives_the_same_output():
