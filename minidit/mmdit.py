@@ -500,7 +500,7 @@ class MMDiT(Model):
         check_array("t", t, (N,), self, kinds="iuf", what=" (one timestep per image)")
         check_array("context", context, (N, "L", s.joint_attention_dim), self, what=" (L >= 1 text tokens)")
         if context.shape[1] < 1:
-            raise ValueError(f"context must hold at least one text token, got {tuple(context.shape)}")
+            raise ValueError(f"context must have L >= 1 text tokens, got shape {tuple(context.shape)}")
         check_array("pooled", pooled, (N, s.pooled_projection_dim), self)
 
     def pos_embed_crop(self, h, w):

@@ -20,7 +20,7 @@ from .video import VideoDiT
 
 MODELS = (DiT, ConditioningDiT, DynamicDiT, VideoDiT, MMDiT, CaptionMMDiT)
 KINDS = {cls.Spec.kind: cls for cls in MODELS}
-CLI_NAMES = tuple(cls.CLI_NAME for cls in MODELS if cls.CLI_NAME)  # train --model's choices
+CLI_NAMES = tuple(dict.fromkeys(cls.CLI_NAME for cls in MODELS if cls.CLI_NAME))  # train --model's choices
 
 
 def build(spec: dict, seed=0, dtype=np.float32, backend="numpy"):
@@ -73,8 +73,11 @@ def choose(args, changed=frozenset()):
     chosen = [cls for cls in MODELS if cls.chosen_by(args)]
     leaves = [cls for cls in chosen if not any(other is not cls and issubclass(other, cls) for other in chosen)]
     if len(leaves) != 1:
-        raise ValueError(f"the options ask for {' and '.join(c.__name__ for c in leaves) or 'no model'}: "
-                         f"give one of --model {', '.join(CLI_NAMES)} and the options of that kind only")
+        def named(c):  # the class and the options of its own that chose it
+            given = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in c.OPTIONS if n in changed]
+            return c.__name__ + (f" ({', '.join(given)})" if given else "")
+        raise ValueError(f"the options ask for {' and '.join(map(named, leaves)) or 'no model'}, which no one model "
+                         f"is: give --model one of {', '.join(CLI_NAMES)} and the options of that kind only")
     cls = leaves[0]
     for other in MODELS:
         stray = [name for name in other.OPTIONS if name in changed and not issubclass(cls, other)]

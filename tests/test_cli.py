@@ -90,7 +90,7 @@ def test_sample_cli(tmp_path):
     assert z["arr_0"].shape == (3, 16, 16, 1) and z["arr_0"].dtype == np.uint8  # the default: 16 px grayscale digits
     assert z["labels"].tolist() == [1, 7, 3]
     model = load_model(run)
-    assert model.num_classes == 10 and model.in_channels == 1 and model.input_size == 16
+    assert model.spec.num_classes == 10 and model.in_channels == 1 and model.spec.input_size == 16
     with pytest.raises(SystemExit, match=r"class labels must lie in \[0, 9\]"):
         sample_main(["--ckpt", run, "--class-labels", "12", "--out", grid])
     with pytest.raises(SystemExit, match="no checkpoint"):
@@ -106,11 +106,11 @@ def test_block_type_travels_through_training_checkpoint_and_sampling(tmp_path, b
     _, meta = load_checkpoint(os.path.join(run, "checkpoint.npz"))
     assert meta["model"]["block"] == meta["args"]["block"] == block
     model = load_model(run)
-    assert model.block == block and any("cross_attn" in k for k in model.params) == (block == "cross-attention")
+    assert model.spec.block == block and any("cross_attn" in k for k in model.params) == (block == "cross-attention")
     grid = str(tmp_path / "g.png")
     sample_main(["--ckpt", run, "--class-labels", "1", "2", "--num-sampling-steps", "2", "--out", grid])
     train_mod.main(["--resume", run, "--steps", "3"])  # resuming keeps the block type
-    assert load_model(run).block == block
+    assert load_model(run).spec.block == block
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path):

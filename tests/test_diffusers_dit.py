@@ -34,7 +34,7 @@ def diffusers_dit(model, norm_eps):
     dm = diffusers.DiTTransformer2DModel(
         num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
         in_channels=model.in_channels, out_channels=model.out_channels, num_layers=c.depth,
-        sample_size=model.input_size, patch_size=c.patch_size, num_embeds_ada_norm=model.num_classes,
+        sample_size=model.spec.input_size, patch_size=c.patch_size, num_embeds_ada_norm=model.spec.num_classes,
         norm_eps=norm_eps).double().eval()
     P, D = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in model.params.items()}, c.hidden_size
     sd = {"pos_embed.proj.weight": P["x_embedder.proj.weight"], "pos_embed.proj.bias": P["x_embedder.proj.bias"],

@@ -205,7 +205,7 @@ def test_finetune_sample_and_resume_through_the_commands(tmp_path):
     assert meta["model"]["kind"] == "dydit" and meta["model"]["dynamic"] == "width"
     assert meta["args"]["variant"] == "mini/4" and meta["args"]["finetune"].startswith(parent)
     log = open(os.path.join(dyn, "log.txt")).read()
-    assert "FLOPs ratio: " in log and os.path.exists(os.path.join(dyn, "samples.png"))
+    assert "flops_ratio: " in log and "flops_target: " in log and os.path.exists(os.path.join(dyn, "samples.png"))
     model = load_model(dyn)
     assert isinstance(model, DynamicDiT) and model.dynamic == "width"
     grid = str(tmp_path / "g.png")
@@ -226,7 +226,7 @@ def test_finetune_errors_name_the_fix(tmp_path):
                         str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no checkpoint"):
         train_mod.main(["--finetune", str(tmp_path / "missing"), "--dynamic", "width", "--out", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="not --block cross-attention"):
+    with pytest.raises(SystemExit, match=r"ConditioningDiT \(--block cross-attention\) and DynamicDiT \(--dynamic width\)"):
         train_mod.main(FAST + ["--dynamic", "width", "--block", "cross-attention", "--steps", "1", "--out",
                                str(tmp_path / "z")])
     with pytest.raises(ValueError, match="unknown dynamic mode"):

@@ -44,7 +44,7 @@ def check_gradients(model, inp, rng, names, k):
     "x" / "context" / "pooled"); returns the worst relative error. A zero gradient fails the check, except the last
     block's norm_added_q: its text queries attend to nothing (the text output is discarded), so its gradient must be
     exactly zero and the numerical estimate ~0."""
-    zero = f"transformer_blocks.{model.num_layers - 1}.attn.norm_added_q.weight"
+    zero = f"transformer_blocks.{model.spec.num_layers - 1}.attn.norm_added_q.weight"
     out, cache = model.forward(**inp)
     dout = rng.standard_normal(out.shape)
     grads, d = model.backward(dout, cache, return_dx=True)

@@ -204,8 +204,8 @@ def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
                     "--image-size", "8", "16", "--batch-size", "2", "--steps", "3", "--log-every", "1",
                     "--sample-steps", "2", "--out", run])
     model = load_model(run)
-    assert isinstance(model, VideoDiT) and model.num_frames == 6 and model.spec.attention == "factorised"
-    assert model.input_size == 16  # the largest size bucket: the default sample size
+    assert isinstance(model, VideoDiT) and model.spec.num_frames == 6 and model.spec.attention == "factorised"
+    assert model.spec.input_size == 16  # the largest size bucket: the default sample size
     assert Image.open(os.path.join(run, "samples.gif")).n_frames == 6
     gif, npz = str(tmp_path / "c.gif"), str(tmp_path / "c.npz")
     sample_main(["--ckpt", run, "--class-labels", "3", "7", "--frames", "8", "--num-sampling-steps", "2",
