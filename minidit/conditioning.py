@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from .layers import (
     AdaLNCache, AttendCache, AttentionCache, LayerNormCache, LinearCache, MLPCache, adaln_backward, adaln_forward,
     attend_backward, attend_forward, attention_backward, attention_forward, chunks, final_layer_backward,

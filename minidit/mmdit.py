@@ -515,7 +515,7 @@ class MMDiT(Model):
         """x (N, C, H, W) float, t (N,) timesteps (rectified flow's 1000 t, float allowed), context (N, L, J) the text
         tokens, pooled (N, P) the pooled text embedding -> (out (N, out_channels, H, W), cache).
 
-        `train` is accepted for the Model protocol and changes nothing (SD3's transformer has no dropout).
+        `train` is accepted for the model contract (minidit.contract) and changes nothing (SD3's transformer has no dropout).
         cache=False (sampling): no activations kept for a backward pass; the returned cache is None."""
         self.check_inputs(x, t, context, pooled)
         P, s = self.params, self.spec
