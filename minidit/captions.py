@@ -25,7 +25,7 @@ from .layers import embedding_backward, embedding_forward
 from .mmdit import MMDiT, MMDiTSpec, POS
 from .model import get_config
 from .text import MAX_LENGTH, PAD, VOCAB, prompt_digit, tokenize_all
-from .xp import get_xp
+from .xp import get_xp, to_numpy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,11 +128,11 @@ class CaptionMMDiT(Model):
         super().__init__(spec, seed=seed, dtype=dtype, backend=backend)
 
     def init_params(self, seed):
-        """PyTorch's nn.Embedding default N(0, 1) for the token table, from its own stream so that the transformer's
-        init is MMDiT's own."""
+        """The token table: PyTorch's nn.Embedding default N(0, 1), from a stream of its own; the transformer: the
+        values MMDiT gave self.mmdit from the same seed (not drawn again)."""
         s = self.spec
         table = np.random.default_rng([seed, 1]).standard_normal((s.vocab_size, s.embed_dim))
-        return {TOKENS: table, **self.mmdit.init_params(seed)}
+        return {TOKENS: table, **{k: to_numpy(v) for k, v in self.mmdit.params.items()}}
 
     def param_shapes(self):
         return {TOKENS: (self.spec.vocab_size, self.spec.embed_dim), **self.mmdit.param_shapes()}
