@@ -40,7 +40,8 @@ def upgrade_spec(spec: dict, version: str) -> dict:
       minidit-2   DiT's spec (and Dynamic DiT's) held the conditioning design as "block"; a design other than
                   adaLN-Zero is now ConditioningDiTSpec's (kind "dit-conditioning"), adaLN-Zero is DiT itself.
                   CaptionMMDiTSpec listed the transformer's free fields beside its own; they are now an MMDiTSpec
-                  (`transformer`), its text widths embed_dim and its output channels in_channels.
+                  (`transformer`), its text widths embed_dim and its output channels in_channels. A video DiT added
+                  its frame code at the input (frame_code "input"; Latte's place, after block 0, is the default now).
     """
     spec = dict(spec)
     if version in ("minidit-train-1", "minidit-converted-1"):
@@ -49,6 +50,8 @@ def upgrade_spec(spec: dict, version: str) -> dict:
         block = spec.pop("block", "adaln-zero")
         if block != "adaln-zero":
             spec.update(kind=ConditioningDiT.Spec.kind, block=block)
+    if spec.get("kind") == VideoDiT.Spec.kind:
+        spec.setdefault("frame_code", "input")
     if spec.get("kind") == CaptionMMDiT.Spec.kind and "transformer" not in spec:
         names = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                  "pos_embed_max_size", "qk_norm")

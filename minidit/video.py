@@ -2,11 +2,23 @@
 blocks, alternately over the tokens of one frame and over the frames at one position.
 
     x (N, C, F, H, W) --3-D patches pt x p x p--> (N, F', S, D),  F' = F / pt, S = (H / p)(W / p)
-                      + 2-D sin-cos over each frame's grid + 1-D sin-cos over the F' frames (for any F', H, W)
+                      + the 2-D sin-cos table of each frame's grid (for any H, W)
     t, y -> c (N, D)  exactly as DiT
     block 2i   (spatial):   tokens as (N F', S, D): attention within each frame,     c repeated per frame
+                            after block 0 only: + the 1-D sin-cos code of each frame's index (for any F')
     block 2i+1 (temporal):  tokens as (N S, F', D): attention across frames per spot, c repeated per position
     final layer (N, F' S, D) -> (N, F' S, pt p p C_out) --un-patchify--> (N, C_out, F, H, W)
+
+With pt = 1 and factorised attention this is the official Latte (maxin-cn/Latte `models/latte.py`, class `Latte`):
+the same blocks, tables and order, the frame code entering the residual stream once, between the first spatial
+block and the first temporal one (so that every temporal block sees which frame a token is in, while the first
+spatial block sees the frames alike). Where minidit goes further, each a spec field, none of it in Latte:
+
+    temporal_patch > 1    3-D patches (pt frames per token), Latte's patches are one frame each
+    attention = "full"    every block over all F' S tokens: the baseline factorised attention is measured against
+    frame_code = "input"  the frame code added with the 2-D table at the input (minidit's first video layout: what
+                          video checkpoints written before the Latte layout were trained with)
+    any F' and H, W       Latte's tables are fixed at its num_frames and input_size; here they are recomputed
 
 Each block is DiT's own adaLN-Zero block (minidit.model.block_forward); a video adds only the 3-D patches, the
 positions, and the two reshuffles of the tokens between blocks, each with its backward. Factorised attention
@@ -40,6 +52,7 @@ from .params import linear_shapes, named, take
 from .xp import get_xp, to_device
 
 ATTENTION = ("factorised", "full")
+FRAME_CODES = ("after-block-0", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +62,7 @@ class VideoDiTSpec(DiTSpec):
     num_frames: int = 8
     temporal_patch: int = 1  # pt: frames per token
     attention: str = "factorised"  # or "full": every block over all the clip's tokens
+    frame_code: str = "after-block-0"  # where the frames' 1-D code enters: after block 0 (Latte) or at the "input"
 
     kind = "video-dit"
 
@@ -56,6 +70,8 @@ class VideoDiTSpec(DiTSpec):
         super().__post_init__()
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of: {', '.join(ATTENTION)}")
+        if self.frame_code not in FRAME_CODES:
+            raise ValueError(f"unknown frame_code {self.frame_code!r}; choose one of: {', '.join(FRAME_CODES)}")
         self.check_clip(self.num_frames, self.input_size, self.input_size)
 
     def check_clip(self, frames, height, width):
@@ -118,9 +134,17 @@ def unpatchify3d_backward(dout, pt, p):
 
 
 @functools.lru_cache(maxsize=32)
-def video_pos_embed(dim, f, h, w):
-    """(f, h w, dim) float64: each frame's 2-D sin-cos table over its h x w grid plus the 1-D sin-cos of its index."""
-    return get_2d_sincos_pos_embed(dim, (h, w))[None] + get_1d_sincos_pos_embed(dim, np.arange(f))[:, None]
+def grid_code(dim, h, w):
+    """(h w, dim) float64: the 2-D sin-cos table of one frame's h x w grid (Latte's pos_embed), the same in every
+    frame."""
+    return get_2d_sincos_pos_embed(dim, (h, w))
+
+
+@functools.lru_cache(maxsize=32)
+def frame_code(dim, f):
+    """(f, 1, dim) float64: the 1-D sin-cos code of each frame's index 0 .. f-1 (Latte's temp_embed), the same at every
+    position of the frame."""
+    return get_1d_sincos_pos_embed(dim, np.arange(f))[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +255,9 @@ class VideoDiT(DiT):
         D = self.config.hidden_size
         tokens, patch_cache = linear_forward(patchify3d(x, pt, p), P["x_embedder.proj.weight"].reshape(D, -1),
                                              P["x_embedder.proj.bias"])  # (N, f, S, D)
-        tokens += to_device(video_pos_embed(D, f, h, w).astype(self.dtype), xp)
+        latte = self.spec.frame_code == "after-block-0"
+        grid, frames = (to_device(a.astype(self.dtype), xp) for a in (grid_code(D, h, w), frame_code(D, f)))
+        tokens += grid if latte else grid + frames  # (S, D) or (f, S, D) over (N, f, S, D)
         temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))
         yemb, y_cache = embedding_forward(y, P[LABELS])
         c_act, c_silu_cache = silu_forward(temb + yemb)  # (N, D)
@@ -248,6 +274,8 @@ class VideoDiT(DiT):
             else:  # temporal
                 seq, block_cache = block_forward(to_positions(tokens), c_positions, P, prefix, self.num_heads)
                 tokens = from_positions(seq, N)
+            if i == 0 and latte:  # Latte's x = x + temp_embed: a constant, so the backward passes dtokens through
+                tokens = tokens + frames  # (f, 1, D) over (N, f, S, D)
             if cache:
                 blocks.append(block_cache)
         out, final_cache = final_layer_forward(tokens.reshape(N, f * h * w, D), c_act, *take(P, "", FINAL))

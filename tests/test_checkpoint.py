@@ -15,6 +15,7 @@ from minidit.checkpoint import (
     split_prefix,
     split_state,
 )
+from minidit.model import DiTConfig
 from minidit.optim import EMA, AdamW
 
 
@@ -211,7 +212,7 @@ def test_training_state_through_a_checkpoint(tmp_path):
 def tiny_spec(block="adaln-zero", **kw):
     """DiT's spec, or the paper's other designs' (ConditioningDiTSpec) for another block."""
     from minidit.conditioning import ConditioningDiTSpec
-    from minidit.model import DiTConfig, DiTSpec
+    from minidit.model import DiTSpec
 
     fields = dict(input_size=4, in_channels=1, num_classes=3, **kw)
     if block == "adaln-zero":
@@ -249,6 +250,21 @@ def test_checkpoints_of_the_previous_format_still_load(tmp_path):
     assert loaded.spec == model.spec and objective.kind == "ddpm" and objective.learn_sigma
     for k in model.params:
         np.testing.assert_array_equal(loaded.params[k], model.params[k])
+
+
+def test_a_minidit_2_video_checkpoint_keeps_its_frame_code_at_the_input(tmp_path):
+    """Video DiTs written before the Latte layout added the frames' code at the input: they load with frame_code
+    "input", computing what they were trained to compute."""
+    from minidit.video import VideoDiTSpec
+
+    spec = VideoDiTSpec(DiTConfig(2, 16, 2, 2), num_frames=2, input_size=4, in_channels=1, num_classes=3)
+    model = ckpt.build_model({**spec.to_dict(), "frame_code": "input"}, seed=2)
+    written = {k: v for k, v in spec.to_dict().items() if k != "frame_code"}  # as minidit-2 wrote it
+    save_checkpoint(tmp_path / "v2.npz", ckpt.add_prefix(model.params, "ema.params."),
+                    {"format": "minidit-2", "model": written, "objective": {"kind": "ddpm", "learn_sigma": True}})
+    loaded = ckpt.load_model(tmp_path / "v2.npz")
+    assert loaded.spec.frame_code == "input" and loaded.spec == model.spec
+    assert VideoDiTSpec.of(written).frame_code == "after-block-0"  # a new spec: Latte's place
 
 
 @pytest.mark.parametrize("kind, block", [("dit", "adaln-zero"), ("dit", "cross-attention"), ("dydit", "adaln-zero")])

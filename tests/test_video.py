@@ -7,18 +7,19 @@ from hypothesis import given, settings, strategies as st
 
 from minidit.checkpoint import build_model
 from minidit.gradcheck import sampled_errors
+from minidit.layers import get_1d_sincos_pos_embed
 from minidit.model import DiTConfig
 from minidit.video import (
-    VideoDiT, from_positions, patchify3d, patchify3d_backward, to_positions, unpatchify3d, unpatchify3d_backward,
-    video_pos_embed,
+    FRAME_CODES, VideoDiT, frame_code, from_positions, grid_code, patchify3d, patchify3d_backward, to_positions,
+    unpatchify3d, unpatchify3d_backward,
 )
 
 TINY = DiTConfig(depth=2, hidden_size=8, num_heads=2, patch_size=2)
 
 
-def tiny_video(pt=1, attention="factorised", seed=0, frames=2):
+def tiny_video(pt=1, attention="factorised", seed=0, frames=2, frame_code="after-block-0"):
     model = VideoDiT(TINY, num_frames=frames * pt, input_size=4, in_channels=2, num_classes=3, temporal_patch=pt,
-                     attention=attention, dtype=np.float64, seed=seed)
+                     attention=attention, frame_code=frame_code, dtype=np.float64, seed=seed)
     rng = np.random.default_rng(seed + 100)
     for v in model.params.values():
         v[...] = 0.3 * rng.standard_normal(v.shape)
@@ -89,12 +90,30 @@ def test_one_set_of_weights_takes_every_shape_and_frames_interact():
         model.forward(rng.standard_normal((2, 2, 4, 4)), t, y)
 
 
-def test_positions_add_a_frame_index_to_the_image_table():
-    pos = video_pos_embed(8, 3, 2, 2)
-    assert pos.shape == (3, 4, 8)
-    # the same spatial table in every frame, shifted by the frame's 1-D code: differences depend on the frame only
-    np.testing.assert_allclose(pos[1] - pos[0], np.broadcast_to((pos[1] - pos[0])[0], (4, 8)))
-    assert not np.allclose(pos[1], pos[0])
+def test_the_position_codes_are_an_image_table_and_a_frame_index():
+    grid, frames = grid_code(8, 2, 2), frame_code(8, 3)
+    assert grid.shape == (4, 8) and frames.shape == (3, 1, 8)
+    np.testing.assert_array_equal(frames[0], get_1d_sincos_pos_embed(8, [0]))  # frame 0: sin 0 = 0, cos 0 = 1
+    assert not np.allclose(frames[1], frames[0]) and not np.allclose(grid[1], grid[0])
+
+
+@pytest.mark.parametrize("frame_code", ["after-block-0", "input"])
+def test_where_the_frame_code_enters(frame_code):
+    """Latte ("after-block-0") adds the frame code to the residual stream between block 0 (spatial) and block 1
+    (temporal), once; "input" adds it with the 2-D table. Checked by a model whose block 0 is the identity (its
+    adaLN modulation zero, as at DiT's init): then both places give the same output, and with block 0 random they
+    differ. A constant added: the backward is unchanged, which the gradient checks above cover for both places."""
+    rng = np.random.default_rng(4)
+    x, t, y = rng.standard_normal((2, 2, 4, 4, 4)), np.array([3, 700]), np.array([1, 2])
+    models = {code: tiny_video(frames=4, frame_code=code) for code in FRAME_CODES}  # the same weights (one seed)
+    P = models["input"].params
+    models["after-block-0"] = models["after-block-0"].using(P)  # one dict: zeroing block 0 below reaches both
+    out = {code: m.forward(x, t, y)[0] for code, m in models.items()}
+    assert not np.allclose(out["input"], out["after-block-0"])
+    for name in ("blocks.0.adaLN_modulation.1.weight", "blocks.0.adaLN_modulation.1.bias"):
+        P[name][...] = 0  # block 0 = the identity: adding before or after it is the same
+    out = {code: m.forward(x, t, y)[0] for code, m in models.items()}
+    np.testing.assert_allclose(out["input"], out["after-block-0"], rtol=1e-12, atol=1e-12)
 
 
 def test_spec_round_trip_and_macs():
