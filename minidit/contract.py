@@ -192,8 +192,9 @@ class Model:
 
     @property
     def condition_dropout_prob(self):
-        """The probability with which training replaces a condition by the null one (> 0: guidance is possible)."""
-        return self.spec.class_dropout_prob
+        """The probability with which training replaces a condition by the null one (> 0: guidance is possible;
+        0 for an unconditional model, num_classes 0)."""
+        return self.spec.class_dropout_prob if self.spec.num_classes else 0.0
 
     def condition_dropout(self, n, rng=None):
         """Training's condition dropout for n samples: (n,) bool on the host, True = replaced by the null condition,

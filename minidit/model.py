@@ -73,7 +73,7 @@ class DiTSpec(Spec):
     variant: Any = "S/2"  # a name in VARIANTS ("DiT-" prefix optional) or a DiTConfig (a dict of its fields in JSON)
     input_size: int = 32  # image or latent side H = W
     in_channels: int = 4
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0: unconditional (no label table, c = t_emb, y None)
     learn_sigma: bool = True  # output 2C channels: noise and the variance interpolation
     class_dropout_prob: float = 0.1  # > 0 adds the null class that guidance uses
 
@@ -90,6 +90,8 @@ class DiTSpec(Spec):
         if self.input_size % cfg.patch_size:
             raise ValueError(f"input size {self.input_size} is not divisible by the patch size {cfg.patch_size}; "
                              f"use an input size that is a multiple of {cfg.patch_size} or another variant")
+        if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: unconditional), got {self.num_classes!r}")
 
     @property
     def config(self) -> DiTConfig:
@@ -108,17 +110,19 @@ class DiTSpec(Spec):
 # Parameter shapes, counts and FLOPs: all derived from the spec without allocating anything
 # ----------------------------------------------------------------------------------------------
 def embedder_shapes(spec):
-    """The parameters every design shares: patch embedding, pos_embed, timestep MLP, label table."""
+    """The parameters every design shares: patch embedding, pos_embed, timestep MLP, label table (none for an
+    unconditional model, num_classes = 0: Latte's extras=1)."""
     s = DiTSpec.of(spec)
     D, p, C = s.config.hidden_size, s.config.patch_size, s.in_channels
-    table_rows = s.num_classes + (1 if s.class_dropout_prob > 0 else 0)  # + the null class used by guidance
-    return {
+    shapes = {
         "pos_embed": (1, s.num_patches, D),
         "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
         "t_embedder.mlp.0.weight": (D, FREQ_DIM), "t_embedder.mlp.0.bias": (D,),
         "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
-        "y_embedder.embedding_table.weight": (table_rows, D),
     }
+    if s.num_classes:
+        shapes[LABELS] = (s.num_classes + (1 if s.class_dropout_prob > 0 else 0), D)  # + the null class of guidance
+    return shapes
 
 
 def attention_mlp_shapes(prefix, cfg):
@@ -310,6 +314,17 @@ class DiT(Model):
         check_array("x", x, ("N", s.in_channels, s.input_size, s.input_size), self)
         N = x.shape[0]
         check_array("t", t, (N,), self, kinds="iuf")
+        self.check_labels(y, N)
+        if self.xp is np and N and t.min() < 0:  # value checks read the data: on the host only, never a device sync
+            raise ValueError(f"timesteps must be >= 0, got {t.min()}")
+
+    def check_labels(self, y, N):
+        """y (N,) labels in [0, num_classes] (num_classes: the null class), or None for an unconditional model."""
+        s = self.spec
+        if not s.num_classes:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes 0): give y=None")
+            return
         check_array("y", y, (N,), self, kinds="iu")
         if self.xp is np and N:  # value checks read the data: done on the host only, never a device sync
             top = s.num_classes + (1 if s.class_dropout_prob > 0 else 0)
@@ -317,8 +332,6 @@ class DiT(Model):
                 raise ValueError(f"labels must lie in [0, {top - 1}] ({s.num_classes} classes"
                                  + (f", {s.num_classes} = the null class" if top > s.num_classes else "")
                                  + f"), got min {y.min()} max {y.max()}")
-            if t.min() < 0:
-                raise ValueError(f"timesteps must be >= 0, got {t.min()}")
 
     def embed(self, x, t, y, train, force_drop_ids, rng):
         """What every design does first. Returns the patch tokens (N, T, D) + pos_embed, the timestep and label
@@ -329,18 +342,32 @@ class DiT(Model):
         the official code does for guidance."""
         self.check_inputs(x, t, y)
         P = self.params
-        y = self.drop_condition(y, train, force_drop_ids, rng)
         h, patch_cache = patch_embed_forward(x, *take(P, "", PATCH), self.patch_size)
         h += P["pos_embed"]  # (N, T, D)
-        temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))  # (N, D)
-        yemb, y_cache = embedding_forward(y, P[LABELS])  # (N, D)
+        temb, yemb, t_cache, y_cache = self.embed_conditions(t, y, train, force_drop_ids, rng)
         return h, temb, yemb, (patch_cache, t_cache, y_cache)
+
+    def embed_conditions(self, t, y, train, force_drop_ids, rng):
+        """t (N,) -> temb (N, D) by the timestep MLP; y (N,) -> yemb (N, D) by the label table, after label dropout
+        (zeros for an unconditional model, whose c is t alone); and their caches."""
+        P = self.params
+        temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))  # (N, D)
+        if not self.spec.num_classes:
+            return temb, get_xp(temb).zeros_like(temb), t_cache, None
+        y = self.drop_condition(y, train, force_drop_ids, rng)
+        yemb, y_cache = embedding_forward(y, P[LABELS])  # (N, D)
+        return temb, yemb, t_cache, y_cache
+
+    def embed_conditions_backward(self, dtemb, dyemb, t_cache, y_cache, grads):
+        """The timestep MLP's and the label table's gradients (into grads) from those of temb and yemb."""
+        if y_cache is not None:
+            grads[LABELS] = embedding_backward(dyemb, y_cache)
+        grads.update(named("", EMBED_T, timestep_embedder_backward(dtemb, t_cache)))
 
     def embed_backward(self, dh, dtemb, dyemb, caches, grads):
         """Gradients of embed's parameters from those of its outputs; returns dx (N, C, H, W)."""
         patch_cache, t_cache, y_cache = caches
-        grads[LABELS] = embedding_backward(dyemb, y_cache)
-        grads.update(named("", EMBED_T, timestep_embedder_backward(dtemb, t_cache)))
+        self.embed_conditions_backward(dtemb, dyemb, t_cache, y_cache, grads)
         dx, *dpatch = patch_embed_backward(dh, patch_cache)
         grads.update(named("", PATCH, dpatch))
         return dx

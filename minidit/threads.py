@@ -158,7 +158,7 @@ class ShardedDiT:
 
         def run(s):
             extra = {} if drop is None else {"force_drop_ids": drop[s]}
-            return m.forward(x[s], t[s], *(c[s] for c in conds), cache=cache, **extra)
+            return m.forward(x[s], t[s], *(None if c is None else c[s] for c in conds), cache=cache, **extra)
 
         with single_threaded_blas():
             results = parallel_map(run, shards, self.threads)

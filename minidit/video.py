@@ -37,16 +37,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .layers import (
-    FREQ_DIM, embedding_backward, embedding_forward, final_layer_backward, final_layer_forward,
-    get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, linear_backward, linear_forward, silu_backward, silu_forward,
-    timestep_embedder_backward, timestep_embedder_forward,
-)
 from .cli import positive_int
 from .contract import check_array
+from .layers import (
+    FREQ_DIM, final_layer_backward, final_layer_forward, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed,
+    linear_backward, linear_forward, silu_backward, silu_forward,
+)
 from .model import (
-    EMBED_T, FINAL, LABELS, DiT, DiTSpec, attention_mlp_shapes, block_backward, block_forward, block_macs,
-    embedder_shapes, get_config,
+    FINAL, DiT, DiTSpec, attention_mlp_shapes, block_backward, block_forward, block_macs, embedder_shapes, get_config,
 )
 from .params import linear_shapes, named, take
 from .xp import get_xp, to_device
@@ -243,7 +241,7 @@ class VideoDiT(DiT):
         check_array("x", x, ("N", self.in_channels, "F", "H", "W"), self, what=" (a batch of clips)")
         self.spec.check_clip(*x.shape[2:])
         check_array("t", t, (x.shape[0],), self, kinds="iuf")
-        check_array("y", y, (x.shape[0],), self, kinds="iu")
+        self.check_labels(y, x.shape[0])
 
     def forward(self, x, t, y, train=False, force_drop_ids=None, rng=None, cache=True):
         """x (N, C, F, H, W), t (N,), y (N,) -> (out (N, C_out, F, H, W), cache); label dropout as DiT.forward."""
@@ -251,15 +249,13 @@ class VideoDiT(DiT):
         P, xp, pt, p = self.params, self.xp, self.spec.temporal_patch, self.patch_size
         N, _, F, H, W = x.shape
         f, h, w = F // pt, H // p, W // p
-        y = self.drop_condition(y, train, force_drop_ids, rng)
         D = self.config.hidden_size
         tokens, patch_cache = linear_forward(patchify3d(x, pt, p), P["x_embedder.proj.weight"].reshape(D, -1),
                                              P["x_embedder.proj.bias"])  # (N, f, S, D)
         latte = self.spec.frame_code == "after-block-0"
         grid, frames = (to_device(a.astype(self.dtype), xp) for a in (grid_code(D, h, w), frame_code(D, f)))
         tokens += grid if latte else grid + frames  # (S, D) or (f, S, D) over (N, f, S, D)
-        temb, t_cache = timestep_embedder_forward(t, *take(P, "", EMBED_T))
-        yemb, y_cache = embedding_forward(y, P[LABELS])
+        temb, yemb, t_cache, y_cache = self.embed_conditions(t, y, train, force_drop_ids, rng)  # as DiT's
         c_act, c_silu_cache = silu_forward(temb + yemb)  # (N, D)
         c_frames, c_positions = xp.repeat(c_act, f, axis=0), xp.repeat(c_act, h * w, axis=0)
         blocks = []
@@ -313,8 +309,7 @@ class VideoDiT(DiT):
         # c was repeated per frame and per position: its gradient is the sum over the copies
         dc_act = dc_act + dc_frames.reshape(N, f, D).sum(axis=1) + dc_positions.reshape(N, S, D).sum(axis=1)
         dc = silu_backward(dc_act, cache.c_silu)
-        grads[LABELS] = embedding_backward(dc, cache.y_embedder)
-        grads.update(named("", EMBED_T, timestep_embedder_backward(dc, cache.t_embedder)))
+        self.embed_conditions_backward(dc, dc, cache.t_embedder, cache.y_embedder, grads)
         dpatches, dw, db = linear_backward(dtokens, cache.patch)
         grads["x_embedder.proj.weight"] = dw.reshape(self.params["x_embedder.proj.weight"].shape)
         grads["x_embedder.proj.bias"] = db

@@ -280,3 +280,26 @@ def test_input_errors():
         m.forward(x, t, np.array([0, 4]))
     with pytest.raises(ValueError, match="labels must lie"):
         m.forward(x, t, np.array([-1, 0]))
+
+
+def test_an_unconditional_dit_has_no_label_table_and_checks_its_gradients():
+    """num_classes = 0 (Latte's extras=1): no y_embedder, c = t_emb, y must be None; float64 gradients at random
+    parameters against central differences, and ShardedDiT runs it on shards."""
+    from minidit.threads import ShardedDiT
+
+    model = DiT(TINY, input_size=4, in_channels=2, num_classes=0, dtype=np.float64, seed=3)
+    assert not any(k.startswith("y_embedder") for k in model.params) and model.condition_dropout_prob == 0
+    rng = np.random.default_rng(9)
+    for k, v in model.params.items():
+        if k != "pos_embed":
+            v[...] = 0.5 * rng.standard_normal(v.shape)
+    x, t = rng.standard_normal((3, 2, 4, 4)), np.array([0, 17, 999])
+    out, cache = model.forward(x, t, None, train=True)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = model.backward(dout, cache, return_dx=True)
+    errors = sampled_errors(lambda: np.sum(model.forward(x, t, None)[0] * dout), {**grads, "x": dx},
+                            {**model.params, "x": x}, 20, rng)
+    assert all(norm > 0 and err < 1e-6 for err, norm in errors.values()), errors
+    np.testing.assert_allclose(ShardedDiT(model, 2).forward(x, t, None)[0], out, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unconditional.*y=None"):
+        model.forward(x, t, np.array([0, 1, 2]))

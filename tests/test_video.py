@@ -71,6 +71,22 @@ def test_backward_matches_finite_differences(pt, frames, size, attention):
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
 
 
+def test_an_unconditional_video_model(tmp_path):
+    """num_classes = 0, Latte's extras=1: no label table, y None; float64 gradients at random parameters."""
+    model = VideoDiT(TINY, num_frames=2, input_size=4, in_channels=2, num_classes=0, dtype=np.float64, seed=1)
+    assert not any(k.startswith("y_embedder") for k in model.params)
+    rng = np.random.default_rng(2)
+    for v in model.params.values():
+        v[...] = 0.3 * rng.standard_normal(v.shape)
+    x, t = rng.standard_normal((2, 2, 2, 4, 4)), np.array([3, 800])
+    out, cache = model.forward(x, t, None, train=True)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = model.backward(dout, cache, return_dx=True)
+    errors = sampled_errors(lambda: np.sum(model.forward(x, t, None)[0] * dout), {**grads, "x": dx},
+                            {**model.params, "x": x}, 10, rng)
+    assert all(norm > 0 and err < 1e-6 for err, norm in errors.values()), errors
+
+
 def test_one_set_of_weights_takes_every_shape_and_frames_interact():
     model = tiny_video()
     rng = np.random.default_rng(0)
