@@ -1,8 +1,12 @@
-"""Official DiT checkpoints, and diffusers' SD3 transformer folders, -> minidit's own safe format, once:
+"""Official DiT and Latte checkpoints, and diffusers' SD3 transformer folders, -> minidit's own safe format, once:
 
     python -m minidit.convert DiT-XL-2-256x256.pt dit-xl2-256.npz
     python -m minidit.sample --ckpt dit-xl2-256.npz --class-labels 207 360 387 974 --guide-channels 3 ...
+    python -m minidit.convert ucf101.pt latte-ucf101.npz          # Latte (maxin-cn/Latte): a video DiT
     python -m minidit.convert stable-diffusion-3-medium-diffusers/transformer sd3-medium.npz
+
+A Latte .pt (published as {"ema": state dict}; the unconditional FaceForensics / SkyTimelapse / Taichi models and
+the 101-class UCF101 one) is told from a DiT by its temp_embed; from_latte_state_dict says how it is read.
 
 An SD3 folder is diffusers' SD3Transformer2DModel layout: config.json and diffusion_pytorch_model.safetensors (or
 its shards with diffusion_pytorch_model.safetensors.index.json). It is read without PyTorch; the weights become a
@@ -28,6 +32,8 @@ import math
 import os
 import re
 
+import numpy as np
+
 from .checkpoint import save_weights
 from .cli import output_file, run
 from .diffusion import Diffusion
@@ -37,6 +43,8 @@ from .mmdit import param_shapes as mmdit_param_shapes
 from .model import VARIANTS, DiTSpec, param_shapes
 from .params import check_keys
 from .vae import read_safetensors
+from .video import VideoDiTSpec, frame_code, grid_code
+from .video import param_shapes as video_param_shapes
 
 
 def read_torch_checkpoint(path):
@@ -75,32 +83,76 @@ def infer_model(state):
         raise ValueError(f"not a DiT state dict: missing {', '.join(missing)}")
     D, C, p, _ = state["x_embedder.proj.weight"].shape
     T = state["pos_embed"].shape[1]
+    out_c = state["final_layer.linear.weight"].shape[0] // (p * p)
+    return dict(variant=variant_of(state, D, p), input_size=int(math.isqrt(T)) * p, in_channels=int(C),
+                num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,  # minus the null class
+                learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.1)
+
+
+def from_latte_state_dict(state, variant=None):
+    """(VideoDiTSpec, minidit parameters) of an official Latte state dict (maxin-cn/Latte `Latte`, any size):
+
+    * the size from the shapes: depth, hidden size and patch name the variant (or give `variant`, a name or a
+      DiTConfig, for a size that is none of VARIANTS: the heads cannot be read off the weights), pos_embed the input size, temp_embed
+      the frame count, the label table the classes (its last row the null label; no table: unconditional, extras=1),
+      the final layer whether sigma is learned;
+    * pos_embed and temp_embed are fixed tables: they are checked against minidit's (grid_code, frame_code; stored
+      in float32 by Latte) and dropped, minidit computes them per clip shape;
+    * x_embedder.proj.weight (D, C, p, p), a per-frame Conv2d, becomes the (D, C, 1, p, p) Conv3d weight of
+      temporal_patch 1. Every other name is minidit's already."""
+    need = ("pos_embed", "temp_embed", "x_embedder.proj.weight", "final_layer.linear.weight")
+    if missing := [k for k in need if k not in state]:
+        raise ValueError(f"not a Latte state dict: missing {', '.join(missing)}")
+    D, C, p, _ = state["x_embedder.proj.weight"].shape
+    S, F = state["pos_embed"].shape[1], state["temp_embed"].shape[1]
+    labels = state.get("y_embedder.embedding_table.weight")
+    out_c = state["final_layer.linear.weight"].shape[0] // (p * p)
+    spec = VideoDiTSpec(variant=variant or variant_of(state, D, p), num_frames=int(F), input_size=int(math.isqrt(S)) * p,
+                        in_channels=int(C), num_classes=0 if labels is None else int(labels.shape[0]) - 1,
+                        learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.0 if labels is None else 0.1)
+    g = int(math.isqrt(S))
+    for name, table in (("pos_embed", grid_code(D, g, g)), ("temp_embed", frame_code(D, F)[:, 0])):
+        err = float(np.abs(state[name][0] - table).max())
+        if err > 1e-5:  # float32 rounding of values in [-1, 1] is below 1e-7
+            raise ValueError(f"the checkpoint's {name} is not the sin-cos table minidit computes (largest difference "
+                             f"{err:.2g}): not an official Latte, or one whose positions were trained")
+    params = {k: v for k, v in state.items() if k not in ("pos_embed", "temp_embed")}
+    params["x_embedder.proj.weight"] = params["x_embedder.proj.weight"][:, :, None]  # (D, C, 1, p, p)
+    expected = video_param_shapes(spec)
+    check_keys(params, expected, f"the state dict does not match Latte {spec.variant} as minidit reads it", expected)
+    return spec, {k: params[k] for k in expected}
+
+
+def variant_of(state, D, p):
+    """The name in VARIANTS of a transformer with this many blocks, hidden size D and patch p."""
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     names = [n for n, c in VARIANTS.items() if (c.depth, c.hidden_size, c.patch_size) == (depth, D, p)]
     if not names:
         raise ValueError(f"no DiT variant has depth {depth}, hidden size {D} and patch size {p}; known: "
                          + ", ".join(f"{n} ({c.depth}, {c.hidden_size}, {c.patch_size})" for n, c in VARIANTS.items()))
-    out_c = state["final_layer.linear.weight"].shape[0] // (p * p)
-    return dict(variant=names[0], input_size=int(math.isqrt(T)) * p, in_channels=int(C),
-                num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,  # minus the null class
-                learn_sigma=bool(out_c == 2 * C), class_dropout_prob=0.1)
+    return names[0]
 
 
 def convert(src, dst):
-    """Convert src (.pt) to dst (.npz); returns the model description written and the entry used. Every name and
-    shape is checked against the inferred DiT first, so a file that is not an official DiT fails here, not later."""
+    """Convert src (.pt: an official DiT or Latte) to dst (.npz); returns the spec written and the entry used. Every
+    name and shape is checked against the inferred model first, so a file that is neither fails here, not later."""
     if not dst.endswith(".npz"):
         raise ValueError(f"the output {dst!r} must be an .npz file: minidit writes its checkpoints as .npz "
                          f"(name it e.g. {os.path.splitext(dst)[0] + '.npz'!r})")
     output_file(dst, (".npz",), "the output")
     state, used = read_torch_checkpoint(src)
+    if "temp_embed" in state:  # Latte: a video model
+        spec, params = from_latte_state_dict(state)
+        save_weights(dst, spec.to_dict(), Diffusion("", learn_sigma=spec.learn_sigma).spec(), params,
+                     source=os.path.basename(src), weights=used)
+        return spec, used
     meta = infer_model(state)
     spec = DiTSpec(**meta)
     expected = param_shapes(spec)
     check_keys(state, expected, f"{src!r} does not match DiT {meta['variant']}", expected)
     save_weights(dst, spec.to_dict(), Diffusion("", learn_sigma=spec.learn_sigma).spec(), state,
                  source=os.path.basename(src), weights=used)
-    return meta, used
+    return spec, used
 
 
 SD3_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -152,7 +204,8 @@ def convert_sd3(src, dst):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidit.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint), or a diffusers "
+    ap.add_argument("src", help="an official DiT .pt (pretrained, or a train.py checkpoint), an official Latte .pt "
+                                "({'ema': state dict} as published, or a bare state dict), or a diffusers "
                                 "SD3Transformer2DModel folder (config.json + diffusion_pytorch_model.safetensors)")
     ap.add_argument("dst", help="the minidit checkpoint (.npz) to write")
     args = ap.parse_args(argv)
@@ -161,9 +214,11 @@ def main(argv=None):
         print(f"wrote {args.dst}: MM-DiT, {spec.num_layers} layers, hidden {spec.inner_dim}, qk_norm {spec.qk_norm}, "
               f"rectified flow with shift {shift:g}; it needs CLIP/T5 embeddings to sample (no text encoder here)")
         return
-    meta, used = run(convert, args.src, args.dst)
-    print(f"wrote {args.dst}: DiT {meta['variant']} at input {meta['input_size']}, {meta['in_channels']} channels, "
-          f"{meta['num_classes']} classes, learn_sigma={meta['learn_sigma']} (weights: {used}); sample it with "
+    spec, used = run(convert, args.src, args.dst)
+    what = "video DiT (Latte)" if isinstance(spec, VideoDiTSpec) else "DiT"
+    frames = f"{spec.num_frames} frames of " if isinstance(spec, VideoDiTSpec) else ""
+    print(f"wrote {args.dst}: {what} {spec.variant} at input {frames}{spec.input_size}, {spec.in_channels} channels, "
+          f"{spec.num_classes or 'no'} classes, learn_sigma={spec.learn_sigma} (weights: {used}); sample it with "
           f"python -m minidit.sample --ckpt {args.dst}")
 
 

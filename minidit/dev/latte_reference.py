@@ -12,12 +12,14 @@ Needs, none of which minidit depends on:
 models/latte.py is loaded as a file (importlib), not through the package models/, whose __init__ imports the
 text-to-video model and its diffusers dependencies. Nothing is copied from it: it runs as it is, with two changes
 made from outside so that float64 stays float64 (the official code computes both in float32):
-  * TimestepEmbedder.timestep_embedding is replaced by the same formula in float64:
-    freqs = exp(-ln(10000) * arange(half) / half), args = t * freqs, embedding = [cos(args), sin(args)];
+  * TimestepEmbedder.timestep_embedding, the float32 sinusoid [cos(t f), sin(t f)], f_i = exp(-ln(10000) i / half),
+    is computed in NumPy's float32 (minidit.dev.torch_reference.numpy_sinusoid: torch's and NumPy's float32 exp and
+    cos differ by an ulp, so the fixture fixes NumPy's, as the DiT fixture does) and cast to float64, where the
+    official code would hand float32 to the float64 MLP;
   * pos_embed and temp_embed are set to the official get_2d_sincos_pos_embed / get_1d_sincos_temp_embed tables,
     which are float64 numpy, without the official .float() rounding.
 
-What it writes, for two tiny models (depth 4, hidden 32, 2 heads, patch 2, 4 frames, 8x8 input, 3 channels,
+What it writes, for two tiny models (depth 4, hidden 16, 2 heads, patch 2, 4 frames, 8x8 input, 3 channels,
 learn_sigma, mlp_ratio 4, attention_mode 'math'): mode "cond" is extras=2 (class-conditional, num_classes=5,
 class_dropout_prob=0.1, so the label table has 6 rows, the null label is 5), mode "uncond" is extras=1.
 Each model is .double().eval(); every parameter is drawn N(0, 0.3^2) from numpy's default_rng(seed), in
@@ -43,14 +45,13 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
 
 import numpy as np
 
-FIXTURE = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, mlp_ratio=4.0,
+FIXTURE = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=4, num_heads=2, mlp_ratio=4.0,
                num_frames=4, class_dropout_prob=0.1, num_classes=5, learn_sigma=True, attention_mode="math")
 MODES = {"cond": 2, "uncond": 1}  # Latte's `extras`: 2 = timestep + class label, 1 = timestep only
 PARAM_STD = 0.3
@@ -88,17 +89,13 @@ def write_fixture(latte_src, out_path, seed=0, commit=None):
 
     mod, path, sha = load_latte_module(latte_src)
 
-    def timestep_embedding_f64(t, dim, max_period=10000):
-        # The official formula (models/latte.py TimestepEmbedder.timestep_embedding), in float64 instead of float32.
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float64) / half)
-        args = t[:, None].to(torch.float64) * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
+    from .torch_reference import numpy_sinusoid
 
-    mod.TimestepEmbedder.timestep_embedding = staticmethod(timestep_embedding_f64)
+    def timestep_embedding(t, dim, max_period=10000):
+        # The official float32 sinusoid (NumPy's float32, as the DiT fixture fixes it), cast to the float64 weights
+        return numpy_sinusoid(t, dim, max_period).double()
+
+    mod.TimestepEmbedder.timestep_embedding = staticmethod(timestep_embedding)
 
     c = FIXTURE
     rng = np.random.default_rng(seed)
