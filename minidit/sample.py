@@ -86,7 +86,12 @@ def load_vae_for(model, vae_path, backend="numpy"):
 
 
 def decode_latents(latents, vae, batch_size=8):
-    """Host latents (N, 4, h, w) (already scaled by 0.18215) -> host images (N, 3, 8h, 8w) through the VAE."""
+    """Host latents (N, 4, h, w) (already scaled by 0.18215) -> host images (N, 3, 8h, 8w) through the VAE; latent
+    clips (N, 4, F, h, w) -> (N, 3, F, 8h, 8w), every frame decoded as an image (as Latte's sample.py does)."""
+    if latents.ndim == 5:
+        N, C, F, h, w = latents.shape
+        frames = decode_latents(latents.transpose(0, 2, 1, 3, 4).reshape(N * F, C, h, w), vae, batch_size)
+        return frames.reshape(N, F, *frames.shape[1:]).transpose(0, 2, 1, 3, 4)  # (N, 3, F, 8h, 8w)
     return np.concatenate([to_numpy(vae.decode(to_device(latents[i:i + batch_size], vae.xp)))
                            for i in range(0, len(latents), batch_size)]).astype(np.float32)
 
@@ -136,8 +141,9 @@ def parse_args(argv=None):
                                                 "animated GIF (default sample.gif)")
     ap.add_argument("--npz", default=None, help="also write arr_0 (uint8 N x H x W x C; clips: N x F x H x W x C) and "
                                                 "labels to this .npz")
-    ap.add_argument("--vae", default=None, help="decode the samples (latents) to pixels with this Stable Diffusion "
-                                                "VAE (its diffusers safetensors file), as the official sample.py")
+    ap.add_argument("--vae", default=None, help="decode the samples (latents; clips frame by frame) to pixels with this "
+                                                "Stable Diffusion VAE (its diffusers safetensors file), as the "
+                                                "official sample.py")
     return ap.parse_args(argv)
 
 
@@ -158,14 +164,12 @@ def sample(args):
     if not args.out.lower().endswith(suffix):
         raise ValueError(f"--out {args.out!r}: " + ("a video model writes an animated .gif" if suffix == ".gif" else
                                                      "an image model writes a .png grid (a .gif is for clips)"))
-    if args.vae and len(shape) != 4:
-        raise ValueError("--vae decodes image latents; this model makes clips")
     if args.shift is not None:
         if not isinstance(objective, RectifiedFlow):
             raise ValueError("--shift is for rectified-flow models; this checkpoint was trained with DDPM")
         objective.shift = args.shift
     vae = load_vae_for(model, args.vae, backend=args.backend) if args.vae else None
-    pixels = math.prod(shape[2:]) * (64 if vae else 1)  # per channel of one sample: the VAE decodes 8x larger
+    pixels = math.prod(shape[2:]) * (64 if vae else 1)  # per channel of one sample: the VAE decodes 8x as wide, high
     need = len(y) * max(shape[1], 3 if vae else 0) * pixels * 4
     if need > MAX_SAMPLE_BYTES:
         raise ValueError(f"{len(y)} samples of shape {shape[1:]} need {need / 2**30:.1f} GiB in one call; sample "

@@ -94,3 +94,59 @@ def test_convert_errors(tmp_path):
     with pytest.raises(SystemExit, match=r"must be an \.npz file.*o\.npz'"):  # writes what the name says, or refuses
         convert_main([str(broken), str(tmp_path / "o.safetensors")])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def latte_state(num_classes, seed=0):
+    """A Latte-format state dict (maxin-cn/Latte's names and shapes, float32 tables as it stores them) of a mini/4
+    video DiT at 4 frames of 8 x 8 x 4, random weights: minidit's own, written the way Latte writes them."""
+    from minidit.video import VideoDiT, frame_code, grid_code
+
+    model = VideoDiT("mini/4", num_frames=4, input_size=8, in_channels=4, num_classes=num_classes, seed=seed)
+    rng = np.random.default_rng(seed)
+    state = {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in model.params.items()}
+    state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"][:, :, 0]  # Latte's per-frame Conv2d
+    return {"pos_embed": grid_code(192, 2, 2)[None].astype(np.float32),
+            "temp_embed": frame_code(192, 4)[:, 0][None].astype(np.float32), **state}
+
+
+@pytest.mark.parametrize("num_classes, layout", [(10, "ema"), (0, "ema"), (10, "bare"), (0, "bare")])
+def test_convert_latte_checkpoints(tmp_path, capsys, num_classes, layout):
+    """Latte's published layout ({"ema": state dict}) and a bare state dict, class-conditional (UCF101-like) and
+    unconditional (FaceForensics-like): the converted model is the video DiT with Latte's frame code, the same
+    weights, and samples through minidit.sample."""
+    from minidit.sample import main as sample_main
+
+    state = latte_state(num_classes)
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+    src = tmp_path / "latte.pt"
+    torch.save({"ema": tensors} if layout == "ema" else tensors, src)
+    dst = tmp_path / "latte.npz"
+    convert_main([str(src), str(dst)])
+    assert "video DiT (Latte) mini/4 at input 4 frames of 8" in capsys.readouterr().out
+    model = load_model(str(dst))
+    assert model.spec.frame_code == "after-block-0" and model.spec.num_classes == num_classes
+    assert model.spec.learn_sigma and model.spec.temporal_patch == 1
+    np.testing.assert_array_equal(model.params["x_embedder.proj.weight"][:, :, 0], state["x_embedder.proj.weight"])
+    assert ("y_embedder.embedding_table.weight" in model.params) == bool(num_classes)
+    if num_classes:  # an unconditional model takes no labels: minidit.sample does not drive one yet
+        from minidit.vae import random_weights
+        from test_vae import write_safetensors
+
+        vae = tmp_path / "vae.safetensors"  # a 2-level toy VAE with 4 latent channels: 8 x 8 latents -> 16 x 16 px
+        write_safetensors(vae, random_weights(channels=(32, 32)))
+        out, npz = tmp_path / "clips.gif", tmp_path / "clips.npz"
+        sample_main(["--ckpt", str(dst), "--class-labels", "3", "7", "--frames", "4", "--num-sampling-steps", "2",
+                     "--vae", str(vae), "--out", str(out), "--npz", str(npz)])
+        assert out.exists() and np.load(npz)["arr_0"].shape == (2, 4, 16, 16, 3)  # every frame decoded to RGB
+
+
+def test_convert_latte_errors(tmp_path):
+    state = latte_state(10)
+    bad = dict(state, temp_embed=state["temp_embed"] * 2)  # trained positions: not what minidit computes
+    torch.save({"ema": {k: torch.from_numpy(v) for k, v in bad.items()}}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="temp_embed is not the sin-cos table"):
+        convert_main([str(tmp_path / "bad.pt"), str(tmp_path / "o.npz")])
+    del state["blocks.5.attn.proj.weight"]
+    torch.save({"ema": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp_path / "short.pt")
+    with pytest.raises(SystemExit, match="does not match Latte mini/4.*blocks.5.attn.proj.weight"):
+        convert_main([str(tmp_path / "short.pt"), str(tmp_path / "o.npz")])
