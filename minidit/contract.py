@@ -219,8 +219,13 @@ class Model:
         return xp.where(drop, null, y)
 
     def check_conditions(self, y):
-        """Clear errors for host conditions a sampler is given: class labels (N,) in [0, num_classes)."""
-        if y.ndim != 1 or y.size == 0:
+        """Clear errors for host conditions a sampler is given: class labels (N,) in [0, num_classes), or None for
+        an unconditional model."""
+        if not self.spec.num_classes:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes 0): it takes no class labels")
+            return
+        if y is None or y.ndim != 1 or y.size == 0:
             raise ValueError("give at least one class label")
         if y.dtype.kind not in "iu":
             raise TypeError(f"class labels must be integers, got {y.dtype}")
@@ -229,10 +234,14 @@ class Model:
 
     def conditions(self, class_labels=None, prompts=None, per_class=1, labelled=False):
         """The conditions `python -m minidit.sample` asks for -> (y host array, class of each sample or None):
-        the given class labels, or every class per_class times."""
+        the given class labels, or every class per_class times; (None, None) for an unconditional model, which
+        samples per_class images."""
         if prompts:
             raise ValueError(f"--prompt is for a model trained on captions (--model mmdit --data digits-captions); "
                              f"this checkpoint's {type(self).__name__} takes --class-labels")
+        if not self.spec.num_classes:
+            self.check_conditions(None if class_labels is None else np.asarray(class_labels))
+            return None, None
         labels = class_labels if class_labels is not None else \
             [c for c in range(self.spec.num_classes) for _ in range(per_class)]
         y = np.asarray(labels, dtype=np.int64)

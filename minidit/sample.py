@@ -21,12 +21,14 @@ from .xp import make_rng, to_device, to_numpy
 
 
 def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps=250, sampler=None, eta=0.0, seed=0,
-             guide_channels=None, clip_denoised=False, progress=True, threads=None, frames=None, size=None):
+             guide_channels=None, clip_denoised=False, progress=True, threads=None, frames=None, size=None,
+             num_samples=None):
     """Sample one image per condition with `model` (its current params). Returns host float32 samples of
     model.sample_shape(N, frames, size): images (N, C, H, W), or for a video model (minidit.video) clips
     (N, C, F, H, W) of `frames` frames of size x size (default: its spec's). The conditions are what the model reads
     (model.check_conditions): class labels (N,), or a caption model's token ids (N, L); guidance's null condition is
-    model.null_condition (the null class, or the all-padding caption).
+    model.null_condition (the null class, or the all-padding caption). An unconditional model takes labels=None and
+    makes num_samples samples (it has no null condition: cfg_scale 1).
 
     objective: what the model was trained with (a checkpoint says: checkpoint.load); None: the official DDPM with
     the model's learn_sigma. It samples in num_sampling_steps steps with `sampler`, one of objective.SAMPLERS
@@ -40,17 +42,18 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
     threads: a NumPy model runs the batch in shards on this many CPU threads (minidit.threads; None: every core).
     """
     xp = model.xp
-    labels = np.asarray(to_numpy(labels))  # host or device conditions: checked on the host
+    labels = None if labels is None else np.asarray(to_numpy(labels))  # host or device conditions: checked on the host
     model.check_conditions(labels)
+    n = num_samples if labels is None else len(labels)
     if objective is None:
         objective = Diffusion("", learn_sigma=model.learn_sigma)
     sampler = objective.SAMPLERS[0] if sampler is None else sampler
     if sampler not in objective.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(objective.SAMPLERS)}")
     process = objective.for_sampling(num_sampling_steps)
-    shape = model.sample_shape(len(labels), frames, size)
+    shape = model.sample_shape(n, frames, size)
     noise = to_device(np.random.default_rng(seed).standard_normal(shape).astype(model.dtype), xp)
-    y = to_device(labels.astype(np.int64), xp)
+    y = None if labels is None else to_device(labels.astype(np.int64), xp)
 
     net, _ = data_parallel(model, threads)
 
@@ -59,8 +62,8 @@ def generate(model, labels, *, objective=None, cfg_scale=4.0, num_sampling_steps
 
     if cfg_scale != 1.0:
         if model.condition_dropout_prob <= 0:
-            raise ValueError("guidance needs the null condition: this model was trained without condition dropout "
-                             "(class_dropout_prob 0); use --cfg-scale 1")
+            raise ValueError("guidance needs the null condition: this model is unconditional, or was trained without "
+                             "condition dropout (class_dropout_prob 0); use --cfg-scale 1")
         channels = model.in_channels if guide_channels is None else int(guide_channels)
         if not 1 <= channels <= model.in_channels:
             raise ValueError(f"--guide-channels {channels}: this model has {model.in_channels} noise channels; guide "
@@ -109,7 +112,7 @@ def parse_args(argv=None):
                     help="a text prompt, for a model trained with --model mmdit on digits-captions (repeat the flag "
                          "for more: one image per prompt, --per-class times each); default: 'a 0' ... 'a 9'")
     ap.add_argument("--per-class", type=positive_int, default=1,
-                    help="images per class when --class-labels is not given")
+                    help="images per class when --class-labels is not given (an unconditional model: images)")
     ap.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
                     help="classifier-free guidance scale (1 = none)")
     ap.add_argument("--guide-channels", type=positive_int, default=None,
@@ -158,7 +161,8 @@ def sample(args):
         raise FileNotFoundError(f"--vae {args.vae!r}: no such file (the VAE's diffusion_pytorch_model.safetensors)")
     model, objective, _ = load(args.ckpt, ema=not args.no_ema, backend=args.backend)
     y, labels = model.conditions(args.class_labels, args.prompt, args.per_class, labelled=bool(args.npz))
-    shape = model.sample_shape(len(y), args.frames, args.size)  # an impossible --frames or --size: an error here
+    n = args.per_class if y is None else len(y)  # None: an unconditional model, --per-class samples
+    shape = model.sample_shape(n, args.frames, args.size)  # an impossible --frames or --size: an error here
     suffix = sample_file("", len(shape))  # .png for images, .gif for clips
     args.out = args.out or "sample" + suffix
     if not args.out.lower().endswith(suffix):
@@ -170,22 +174,23 @@ def sample(args):
         objective.shift = args.shift
     vae = load_vae_for(model, args.vae, backend=args.backend) if args.vae else None
     pixels = math.prod(shape[2:]) * (64 if vae else 1)  # per channel of one sample: the VAE decodes 8x as wide, high
-    need = len(y) * max(shape[1], 3 if vae else 0) * pixels * 4
+    need = n * max(shape[1], 3 if vae else 0) * pixels * 4
     if need > MAX_SAMPLE_BYTES:
-        raise ValueError(f"{len(y)} samples of shape {shape[1:]} need {need / 2**30:.1f} GiB in one call; sample "
+        raise ValueError(f"{n} samples of shape {shape[1:]} need {need / 2**30:.1f} GiB in one call; sample "
                          f"fewer at a time (--class-labels or --per-class) with different --seed values")
     images = generate(model, y, objective=objective, cfg_scale=args.cfg_scale,
                       num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                       guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, threads=args.threads,
-                      frames=args.frames, size=args.size)
+                      frames=args.frames, size=args.size, num_samples=n)
     if vae is not None:
         images = decode_latents(images, vae)
     nrow = args.nrow or (args.per_class if args.class_labels is None and (args.prompt is None or args.per_class > 1)
-                         else min(len(y), 8))
+                         else min(n, 8))
     save_samples(images, args.out, nrow=nrow)
-    print(f"wrote {args.out} ({len(y)} {'clips' if images.ndim == 5 else 'images'})")
-    if args.npz:
-        save_npz(args.npz, arr_0=samples_to_uint8(images), labels=np.asarray(labels, dtype=np.int64))
+    print(f"wrote {args.out} ({n} {'clips' if images.ndim == 5 else 'images'})")
+    if args.npz:  # the class of every sample (none for an unconditional model)
+        save_npz(args.npz, arr_0=samples_to_uint8(images),
+                 **({} if labels is None else {"labels": np.asarray(labels, dtype=np.int64)}))
         print(f"wrote {args.npz}")
 
 

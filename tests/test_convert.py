@@ -128,16 +128,23 @@ def test_convert_latte_checkpoints(tmp_path, capsys, num_classes, layout):
     assert model.spec.learn_sigma and model.spec.temporal_patch == 1
     np.testing.assert_array_equal(model.params["x_embedder.proj.weight"][:, :, 0], state["x_embedder.proj.weight"])
     assert ("y_embedder.embedding_table.weight" in model.params) == bool(num_classes)
-    if num_classes:  # an unconditional model takes no labels: minidit.sample does not drive one yet
-        from minidit.vae import random_weights
-        from test_vae import write_safetensors
+    from minidit.vae import random_weights
+    from test_vae import write_safetensors
 
-        vae = tmp_path / "vae.safetensors"  # a 2-level toy VAE with 4 latent channels: 8 x 8 latents -> 16 x 16 px
-        write_safetensors(vae, random_weights(channels=(32, 32)))
-        out, npz = tmp_path / "clips.gif", tmp_path / "clips.npz"
-        sample_main(["--ckpt", str(dst), "--class-labels", "3", "7", "--frames", "4", "--num-sampling-steps", "2",
-                     "--vae", str(vae), "--out", str(out), "--npz", str(npz)])
-        assert out.exists() and np.load(npz)["arr_0"].shape == (2, 4, 16, 16, 3)  # every frame decoded to RGB
+    vae = tmp_path / "vae.safetensors"  # a 2-level toy VAE with 4 latent channels: 8 x 8 latents -> 16 x 16 px
+    write_safetensors(vae, random_weights(channels=(32, 32)))
+    out, npz = tmp_path / "clips.gif", tmp_path / "clips.npz"
+    conditions = ["--class-labels", "3", "7"] if num_classes else ["--per-class", "2", "--cfg-scale", "1"]
+    sample_main(["--ckpt", str(dst), *conditions, "--frames", "4", "--num-sampling-steps", "2", "--vae", str(vae),
+                 "--out", str(out), "--npz", str(npz)])
+    with np.load(npz) as f:  # every frame decoded to RGB; the classes asked for (none: unconditional)
+        assert out.exists() and f["arr_0"].shape == (2, 4, 16, 16, 3)
+        assert f["labels"].tolist() == [3, 7] if num_classes else "labels" not in f.files
+    if not num_classes:
+        with pytest.raises(SystemExit, match="unconditional.*use --cfg-scale 1"):
+            sample_main(["--ckpt", str(dst), "--num-sampling-steps", "2", "--out", str(out)])
+        with pytest.raises(SystemExit, match="unconditional.*takes no class labels"):
+            sample_main(["--ckpt", str(dst), "--class-labels", "1", "--cfg-scale", "1", "--out", str(out)])
 
 
 def test_convert_latte_errors(tmp_path):
