@@ -2,7 +2,7 @@
 
     KINDS["dit"]                        -> DiT           (a checkpoint's meta["model"]["kind"])
     build({"kind": "dit", ...})         -> a DiT         (what a checkpoint's spec dict describes)
-    choose(args, explicit)              -> DiT           (what `python -m minidit.train`'s options ask for)
+    choose(args, changed)               -> DiT           (what `python -m minidit.train`'s options ask for)
 
 A new kind is its module (a Spec, and a Model subclass that sets what differs from DiT's behaviour, its command-line
 options included) and one line in MODELS.

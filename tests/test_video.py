@@ -217,9 +217,12 @@ def test_evaluate_clips_tells_motion_from_flicker_and_stills():
     shuffled = clips[np.random.default_rng(0).integers(0, 20, size=(20, 6)), np.arange(6)]  # frames of other clips
     still = np.repeat(clips[:, :1], 6, axis=1)
     assert evaluate_clips(shuffled, labels)["motion"]["mean_jump"] > 3 * real["motion"]["mean_jump"]
-    assert evaluate_clips(still, labels)["motion"]["mean_jump"] == 0
+    frozen = evaluate_clips(still, labels)
+    assert frozen["motion"]["mean_jump"] == 0
+    assert frozen["clip_accuracy"] == frozen["accuracy"]  # every frame the same: a clip is right iff its frame is
+    assert real["clip_accuracy"] <= real["accuracy"] and 0 <= real["reference_clip_accuracy"] <= 1
     assert 0.5 < real["motion"]["mean_jump"] / real["reference_motion"]["mean_jump"] < 2
-    assert "real clips" in format_clip_table(real)
+    assert "real clips" in format_clip_table(real) and "in every frame" in format_clip_table(real)
 
 
 def test_train_sample_and_score_a_video_model(tmp_path, monkeypatch):
