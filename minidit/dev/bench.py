@@ -393,10 +393,10 @@ def rss_growth_over_steps(side, steps=RSS_STEPS):
 def rss_growth_in_fresh_process(side_name, spec, threads):
     """Run rss_growth_over_steps for one DiT (or video) side in a new Python process, so neither side inherits the
     other's heap."""
-    video = ["--video", "--num-frames", str(spec["num_frames"])] if is_video(spec) else []
-    return rss_in_fresh_process(side_name, threads, video + [
-        "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
-        str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])])
+    options = ["--video"] if is_video(spec) else []
+    for key, value in spec.items():  # input_size -> --input-size 32, ...
+        options += ["--" + key.replace("_", "-"), str(value)]
+    return rss_in_fresh_process(side_name, threads, options)
 
 
 def rss_in_fresh_process(side_name, threads, options):
