@@ -21,7 +21,7 @@ Per configuration it prints
 
 --video: minidit's VideoDiT in Latte's layout (one frame per token, spatial and temporal blocks in turn, the frame
 code after block 0), by default S/2 on clips of 8 frames of 16x16x4 latents, 101 classes (UCF101's count), batch 2:
-512 tokens per clip, about 0.6-0.8 s per training step on 2 cores. With --compare-torch the torch side is
+512 tokens per clip, about 0.9 s per training step on 2 idle cores. With --compare-torch the torch side is
 torch_reference.TorchLatte (build_torch_latte: the same weights) taking the clips as Latte does, (N, F, C, H, W),
 with the official loss split on the channel axis 2 as in Latte's training code. Figures: docs/performance.md.
 
