@@ -236,7 +236,8 @@ class TorchLatte(nn.Module):
     y=None), num_classes > 0 its extras=2 (class-conditional, a null label when class_dropout_prob > 0). The depth
     must be even (the blocks come in spatial-temporal pairs). Parameter names and shapes are Latte's, so a Latte state
     dict loads strictly. Differences from the official code are TorchDiT's (manual attention, float32 sinusoid cast to
-    the weights' dtype, forward takes force_drop_ids); Latte's text-to-video extras (78) and fp16 path are not here."""
+    the weights' dtype, forward takes force_drop_ids; Latte's attention_mode "math" scales q k^T where this scales q,
+    a difference of rounding); Latte's text-to-video extras (78) and fp16 path are not here."""
 
     def __init__(self, variant="S/2", input_size=32, num_frames=16, in_channels=4, num_classes=1000, learn_sigma=True,
                  class_dropout_prob=0.1):
