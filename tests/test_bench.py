@@ -41,6 +41,33 @@ def test_presets_and_overrides():
     assert bench.parse_args(["--image-size", "16"]).input_size == 16
 
 
+def test_video_mode(capsys):
+    """--video times the video DiT in Latte's layout; with torch, against TorchLatte with the same weights, memory
+    included (the fresh-process children get --video too)."""
+    argv = ["--video"] + TINY + ["--num-frames", "2"]
+    compare = importlib.util.find_spec("torch") is not None
+    assert bench.main(argv + (["--compare-torch"] if compare else [])) == 0
+    out = capsys.readouterr().out
+    assert "VideoDiT mini/4 (Latte's layout), 2 frames of 8x8x3, 4 classes, batch 2" in out
+    for field in [f.replace("image", "clip") for f in FIELDS]:
+        assert field in out, field
+    growth = out.split("resident-set growth")[1]
+    assert "minidit " in growth and "n/a" not in growth
+    if compare:
+        assert "torch eager" in out and "step-time ratio minidit / torch: median of 1 per-pair ratios" in out
+        assert "torch " in growth
+
+
+def test_video_options():
+    spec = bench.specs_from_args(bench.parse_args(["--video", "--batch-size", "4"]))
+    assert spec == [dict(variant="S/2", num_frames=8, input_size=16, in_channels=4, num_classes=101, batch_size=4)]
+    for argv, match in ((["--video", "--preset", "small"], "--video has its own configuration"),
+                        (["--num-frames", "4"], "--num-frames is for the video model: add --video"),
+                        (["--video", "--input-size", "15"], "input size 15 is not divisible by the patch size 2")):
+        with pytest.raises(SystemExit, match=match):
+            bench.main(argv)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
 def test_cupy_unavailable_is_one_clear_line(capsys):
     assert bench.main(TINY + ["--backend", "cupy"]) == 2

@@ -2,6 +2,8 @@
 
 At random (non-zero) parameters: the forward output, EVERY parameter gradient and the input gradient for the same
 random dout, tensor by tensor; the training loss and d loss / d output; a few whole training steps (AdamW + EMA).
+The video model likewise against TorchLatte (the official Latte, written from its forward), which is itself checked
+first against the numbers of the official Latte code (tests/fixtures/tiny_latte_f64.npz).
 Each comparison prints one line (run `pytest -s tests/test_torch_reference.py` to see the table):
 
     name  shape  max|torch|  maxdiff  rel = maxdiff / max|torch|
@@ -9,7 +11,9 @@ Each comparison prints one line (run `pytest -s tests/test_torch_reference.py` t
 Tolerances: float64 rel <= 1e-10, float32 rel <= 1e-4. Skipped when torch is not installed (pip install -e ".[torch]").
 """
 import copy
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from minidit.dev import torch_reference as tr  # noqa: E402
 from minidit.diffusion import Diffusion, cfg_model_fn  # noqa: E402
 from minidit.layers import timestep_embedding  # noqa: E402
 from minidit.optim import EMA, AdamW  # noqa: E402
+from minidit.video import VideoDiT, frame_code, grid_code  # noqa: E402
 
 TINY = DiTConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2)
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
@@ -73,23 +78,32 @@ def randomize(model, rng, scaled):
         p[...] = rng.normal(0.0, std, size=p.shape).astype(p.dtype)
 
 
-def compare_forward_backward(model, tm, table, x, t, y, force_drop_ids=None, rng=None):
-    """Same inputs and dout through both; checks output, every parameter gradient, dx."""
+def swap_frames(a):
+    """minidit's clips (N, C, F, H, W) <-> Latte's (N, F, C, H, W): swap the channel and frame axes."""
+    return np.ascontiguousarray(a.swapaxes(1, 2))
+
+
+def compare_forward_backward(model, tm, table, x, t, y, force_drop_ids=None, rng=None, video=False):
+    """Same inputs and dout through both; checks output, every parameter gradient, dx. video: tm is a TorchLatte, whose
+    inputs and outputs are (N, F, C, H, W) where minidit's are (N, C, F, H, W), and whose patch weight is the Conv2d
+    (D, C, p, p) where minidit's is the Conv3d (D, C, 1, p, p)."""
+    layout = swap_frames if video else (lambda a: a)
     out, cache = model.forward(x, t, y, force_drop_ids=force_drop_ids)
     dout = rng.standard_normal(out.shape).astype(out.dtype)
     grads, dx = model.backward(dout, cache, return_dx=True)
 
-    xt = torch.from_numpy(x).requires_grad_(True)
+    xt = torch.from_numpy(layout(x)).requires_grad_(True)
     fd = None if force_drop_ids is None else torch.from_numpy(force_drop_ids)
-    tout = tm(xt, torch.from_numpy(t), torch.from_numpy(y), force_drop_ids=fd)
-    tout.backward(torch.from_numpy(dout))
+    tout = tm(xt, torch.from_numpy(t), None if y is None else torch.from_numpy(y), force_drop_ids=fd)
+    tout.backward(torch.from_numpy(layout(dout)))
 
-    table.check("output", out, tout.detach().numpy())
+    table.check("output", out, layout(tout.detach().numpy()))
     tgrads = {k: p.grad for k, p in tm.named_parameters() if p.requires_grad}
     assert list(grads) == list(tgrads), "gradient names/order differ from the official trainable parameters"
     for name, g in grads.items():
-        table.check("d " + name, g, tgrads[name].numpy())
-    table.check("d x", dx, xt.grad.numpy())
+        ref = tgrads[name].numpy()
+        table.check("d " + name, g.reshape(ref.shape) if video else g, ref)
+    table.check("d x", dx, layout(xt.grad.numpy()))
     assert tm.pos_embed.grad is None and "pos_embed" not in grads  # frozen on both sides
     return out
 
@@ -259,4 +273,114 @@ def test_training_steps_float64(shared_sinusoid):
                 table.check(prefix + name + " k", a[D:2 * D], b[D:2 * D], tol=1e-8)
             else:
                 table.check(prefix + name, a, b)
+    table.done()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the video model: TorchLatte against the official Latte's numbers, then minidit's VideoDiT against TorchLatte
+
+LATTE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_latte_f64.npz"
+VIDEO_TINY = DiTConfig(depth=4, hidden_size=32, num_heads=4, patch_size=2)  # two spatial-temporal pairs
+
+
+@pytest.fixture(scope="module")
+def latte_fixture():
+    with np.load(LATTE_FIXTURE, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("mode", ["cond", "uncond"])
+def test_torch_latte_is_the_official_latte(latte_fixture, monkeypatch, mode):
+    """TorchLatte with the fixture's parameters (the official Latte's state dict, loaded strictly) reproduces what the
+    official code computed: the output, dx and every parameter gradient, float64. The fixture's sinusoid is NumPy's
+    float32 one (numpy_sinusoid), so this reference uses it too. Also: the state dict's names, order and shapes are
+    Latte's, and TorchLatte's own init tables are the official float64 ones up to Latte's float32 storage."""
+    monkeypatch.setattr(tr.TimestepEmbedder, "timestep_embedding", staticmethod(tr.numpy_sinusoid))
+    c = json.loads(str(latte_fixture["config"]))
+    io = {k[len(mode) + 1:]: v for k, v in latte_fixture.items() if k.startswith(mode + "/")}
+    state = {k[len("param/"):]: torch.from_numpy(v) for k, v in io.items() if k.startswith("param/")}
+    cfg = DiTConfig(c["depth"], c["hidden_size"], c["num_heads"], c["patch_size"], c["mlp_ratio"])
+    tm = tr.TorchLatte(cfg, input_size=c["input_size"], num_frames=c["num_frames"], in_channels=c["in_channels"],
+                       num_classes=c["num_classes"] if mode == "cond" else 0, learn_sigma=c["learn_sigma"],
+                       class_dropout_prob=c["class_dropout_prob"]).double().eval()
+    assert [(k, tuple(v.shape)) for k, v in tm.state_dict().items()] == [(k, tuple(v.shape)) for k, v in state.items()]
+    for name in ("pos_embed", "temp_embed"):
+        np.testing.assert_allclose(getattr(tm, name).detach().numpy(), state[name].numpy(), rtol=0, atol=1e-7)
+    tm.load_state_dict(state, strict=True)
+
+    x = torch.from_numpy(io["x"]).requires_grad_(True)  # (N, F, C, H, W)
+    out = tm(x, torch.from_numpy(io["t"]), torch.from_numpy(io["y"]) if mode == "cond" else None)
+    out.backward(torch.from_numpy(io["dout"]))
+    table = Table(f"TorchLatte vs the official Latte ({mode}), float64", TOL[np.float64])
+    table.check("output", out.detach().numpy(), io["out"])
+    table.check("d x", x.grad.numpy(), io["dx"])
+    grads = {k: p.grad.numpy() for k, p in tm.named_parameters() if p.requires_grad}
+    assert set(grads) == {k[len("grad/"):] for k in io if k.startswith("grad/")}
+    for name, g in grads.items():
+        table.check("d " + name, g, io["grad/" + name])
+    table.done()
+
+
+@pytest.mark.parametrize("mode", ["cond", "uncond"])
+def test_video_tiny_float64_every_gradient(shared_sinusoid, mode):
+    """minidit's VideoDiT and TorchLatte, the same N(0, 0.3^2) weights: output, every parameter gradient and dx.
+    3 frames of 8 x 8 (16 positions), so frames and positions cannot be confused; the conditional batch forces one
+    label to the null class."""
+    rng = np.random.default_rng(5)
+    cond = mode == "cond"
+    model = VideoDiT(VIDEO_TINY, num_frames=3, input_size=8, in_channels=4, num_classes=10 if cond else 0,
+                     class_dropout_prob=0.1 if cond else 0.0, dtype=np.float64)
+    randomize(model, rng, scaled=False)
+    tm = tr.build_torch_latte(model, torch.float64).eval()
+    x = rng.standard_normal((3, 4, 3, 8, 8))  # (N, C, F, H, W)
+    t = np.array([0, 17, 999])
+    y, force = (np.array([3, 9, 10]), np.array([0, 1, 0])) if cond else (None, None)
+    table = Table(f"tiny VideoDiT vs TorchLatte, float64, {mode}", TOL[np.float64])
+    compare_forward_backward(model, tm, table, x, t, y, force, rng, video=True)
+    table.done()
+
+
+def test_video_s2_float32_every_gradient(shared_sinusoid):
+    rng = np.random.default_rng(6)
+    model = VideoDiT("S/2", num_frames=4, input_size=16, in_channels=4, num_classes=101, seed=0)
+    randomize(model, rng, scaled=True)
+    tm = tr.build_torch_latte(model, torch.float32).eval()
+    x = rng.standard_normal((2, 4, 4, 16, 16)).astype(np.float32)
+    table = Table("VideoDiT-S/2 vs TorchLatte, float32, 4 frames of 16 x 16, batch 2", TOL[np.float32])
+    compare_forward_backward(model, tm, table, x, np.array([3, 871]), np.array([7, 101]), None, rng, video=True)
+    table.done()
+
+
+def test_build_torch_latte_takes_only_latte_s_layout():
+    """The tables build_torch_latte loads are minidit's; the options Latte does not have are refused by name."""
+    model = VideoDiT(VIDEO_TINY, num_frames=3, input_size=8, in_channels=4, num_classes=0)
+    tm = tr.build_torch_latte(model)
+    np.testing.assert_array_equal(tm.pos_embed.numpy()[0], grid_code(32, 4, 4).astype(np.float32))
+    np.testing.assert_array_equal(tm.temp_embed.numpy()[0], frame_code(32, 3)[:, 0].astype(np.float32))
+    assert tm.y_embedder is None and tm.x_embedder.proj.weight.shape == (32, 4, 2, 2)
+    for option, match in ((dict(temporal_patch=3), "temporal_patch 3"), (dict(attention="full"), "attention 'full'"),
+                          (dict(frame_code="input"), "frame_code 'input'")):
+        other = VideoDiT(VIDEO_TINY, num_frames=3, input_size=8, in_channels=4, num_classes=0, **option)
+        with pytest.raises(ValueError, match=f"not Latte's layout, it has {match}"):
+            tr.build_torch_latte(other)
+    with pytest.raises(ValueError, match="depth 3 is odd"):
+        tr.build_torch_latte(VideoDiT(DiTConfig(3, 32, 4, 2), num_frames=3, input_size=8, num_classes=0))
+
+
+def test_latte_training_loss_on_frames_first_clips():
+    """TorchDiffusion(channel_dim=2), the loss on Latte's (N, F, 2C, H, W) output, equals minidit's loss on the same
+    clips as (N, 2C, F, H, W), and so does d loss / d output (the bench's torch side trains with it)."""
+    rng = np.random.default_rng(7)
+    x0, noise = rng.uniform(-1, 1, (2, 3, 4, 4, 4)), rng.standard_normal((2, 3, 4, 4, 4))  # (N, C, F, H, W)
+    out = np.concatenate([rng.standard_normal((2, 3, 4, 4, 4)), rng.uniform(-1, 1, (2, 3, 4, 4, 4))], axis=1)
+    t = np.array([1, 600])
+    loss, _, dout = Diffusion("").training_loss(out, x0, t, noise)
+    tout = torch.from_numpy(swap_frames(out)).requires_grad_(True)
+    tx0, tnoise, tt = torch.from_numpy(swap_frames(x0)), torch.from_numpy(swap_frames(noise)), torch.from_numpy(t)
+    diffusion = tr.TorchDiffusion(channel_dim=2)
+    tloss = diffusion.losses_from_output(tout, tx0, diffusion.q_sample(tx0, tt, tnoise), tt, tnoise)["loss"].mean()
+    tloss.backward()
+    table = Table("the loss on (N, F, C, H, W) clips, channel_dim 2, float64", TOL[np.float64])
+    table.check("loss", loss, tloss.item())
+    table.check("d loss / d output", dout, swap_frames(tout.grad.numpy()))
     table.done()

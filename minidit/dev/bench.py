@@ -5,6 +5,7 @@
     python -m minidit.dev.bench --backend cupy --variant S/2 --batch-size 64 --compare-torch
     python -m minidit.dev.bench --sampling --variant XL/2 --batch-size 8 --vae-decode   # sampling time and memory
     python -m minidit.dev.bench --mmdit --compare-torch    # SD3's MM-DiT, rectified flow, against diffusers' model
+    python -m minidit.dev.bench --video --compare-torch    # the video DiT (Latte) against TorchLatte, same weights
     python -m minidit.dev.bench --sampling --dynamic RUN   # a Dynamic DiT's sliced sampling against its weights dense
 
 Per configuration it prints
@@ -17,6 +18,12 @@ Per configuration it prints
   * peak memory of a step (what is measured is printed next to each number);
   * with --compare-torch: the same step in PyTorch eager (the same weights via torch_reference.build_torch_dit,
     float32, the official loss, torch.optim.AdamW, the official EMA update), in alternating runs A B A B ...
+
+--video: minidit's VideoDiT in Latte's layout (one frame per token, spatial and temporal blocks in turn, the frame
+code after block 0), by default S/2 on clips of 8 frames of 16x16x4 latents, 101 classes (UCF101's count), batch 2:
+512 tokens per clip, about 0.9 s per training step on 2 idle cores. With --compare-torch the torch side is
+torch_reference.TorchLatte (build_torch_latte: the same weights) taking the clips as Latte does, (N, F, C, H, W),
+with the official loss split on the channel axis 2 as in Latte's training code. Figures: docs/performance.md.
 
 Timing: after --warmup steps per side, --runs runs (pairs when comparing) of --steps steps each; a run's time is
 the median of its steps, a side's time is the median over runs, and the ratio is the median of per-pair ratios.
@@ -40,9 +47,10 @@ from ..backend import get_backend
 from ..checkpoint import load
 from ..cli import nonnegative_int, positive_int, run, sampling_steps
 from ..diffusion import Diffusion
-from ..model import DiT, DiTSpec, forward_macs, get_config
+from ..model import DiT, DiTSpec, get_config
 from ..optim import EMA, AdamW
 from ..threads import data_parallel, threaded_map
+from ..video import VideoDiT, VideoDiTSpec
 from ..xp import set_fused_kernels, to_device
 
 PRESETS = {  # the configurations measured in docs/performance.md
@@ -51,6 +59,7 @@ PRESETS = {  # the configurations measured in docs/performance.md
     "s2": dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, batch_size=8),
 }
 DEFAULTS = dict(variant="S/2", input_size=32, in_channels=4, num_classes=1000, batch_size=8)
+VIDEO = dict(variant="S/2", num_frames=8, input_size=16, in_channels=4, num_classes=101, batch_size=2)  # --video
 MiB = float(2**20)
 
 
@@ -128,20 +137,28 @@ class MatmulPeak:
 # ----------------------------------------------------------------------------------------------
 # the two sides: one training step each, phases (forward, backward incl. loss, optimizer) in seconds
 # ----------------------------------------------------------------------------------------------
+def is_video(spec):
+    """A bench configuration with num_frames is the video model (--video), one without a DiT."""
+    return "num_frames" in spec
+
+
 def model_spec(spec):
-    """The DiTSpec of a bench configuration."""
-    return DiTSpec(variant=spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
-                   num_classes=spec["num_classes"])
+    """The DiTSpec (or, for --video, the VideoDiTSpec: Latte's layout) of a bench configuration."""
+    kw = dict(variant=spec["variant"], input_size=spec["input_size"], in_channels=spec["in_channels"],
+              num_classes=spec["num_classes"])
+    return VideoDiTSpec(num_frames=spec["num_frames"], **kw) if is_video(spec) else DiTSpec(**kw)
 
 
 def make_batch(spec, seed=0):
-    """x0, y, t, noise as host arrays (the same batch every step, for both sides)."""
+    """x0, y, t, noise as host arrays (the same batch every step, for both sides); x0 and noise (N, C, S, S), or
+    (N, C, F, S, S) clips for --video."""
     rng = np.random.default_rng(seed)
     N, C, S = spec["batch_size"], spec["in_channels"], spec["input_size"]
-    x0 = rng.standard_normal((N, C, S, S), dtype=np.float32)
+    shape = (N, C, spec["num_frames"], S, S) if is_video(spec) else (N, C, S, S)
+    x0 = rng.standard_normal(shape, dtype=np.float32)
     y = rng.integers(0, spec["num_classes"], size=N)
     t = rng.integers(0, 1000, size=N)
-    noise = rng.standard_normal((N, C, S, S), dtype=np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
     return x0, y, t, noise
 
 
@@ -150,7 +167,7 @@ class MiniditSide:
 
     def __init__(self, spec, backend, batch, threads=1):
         self.xp = xp = get_backend(backend)
-        self.model = DiT(model_spec(spec), seed=0, backend=backend)
+        self.model = (VideoDiT if is_video(spec) else DiT)(model_spec(spec), seed=0, backend=backend)
         self.net, threads = data_parallel(self.model, threads)  # NumPy: one batch shard per thread, as minidit.train
         self.objective = Diffusion("")
         self.opt = AdamW(self.model.params, lr=1e-4, map=threaded_map(threads))
@@ -176,18 +193,25 @@ class MiniditSide:
 
 
 class TorchSide:
+    """The official model in PyTorch eager with minidit_model's weights: TorchDiT, or TorchLatte for a VideoDiT (which
+    takes the clips as Latte does, (N, F, C, H, W), and whose loss splits its output on dim 2, as Latte's)."""
     name = "torch"
 
     def __init__(self, minidit_model, batch, device):
         import torch
 
-        from .torch_reference import TorchDiffusion, build_torch_dit, update_ema
+        from .torch_reference import TorchDiffusion, build_torch_dit, build_torch_latte, update_ema
         self.torch, self.update_ema = torch, update_ema
-        self.model = build_torch_dit(minidit_model, torch.float32, device).train()
+        video = isinstance(minidit_model, VideoDiT)
+        build = build_torch_latte if video else build_torch_dit
+        self.model = build(minidit_model, torch.float32, device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)  # official train.py
-        self.diffusion = TorchDiffusion()
-        self.x0, self.y, self.t, self.noise = (torch.from_numpy(a).to(device) for a in batch)
+        self.diffusion = TorchDiffusion(channel_dim=2 if video else 1)
+        x0, y, t, noise = batch
+        if video:  # minidit's (N, C, F, H, W) -> Latte's (N, F, C, H, W), once, outside the timed step
+            x0, noise = (np.ascontiguousarray(a.swapaxes(1, 2)) for a in (x0, noise))
+        self.x0, self.y, self.t, self.noise = (torch.from_numpy(a).to(device) for a in (x0, y, t, noise))
         self.timer = HostTimer() if device == "cpu" else torch_cuda_timer(torch)
         self.label = "torch eager" + ("" if device == "cpu" else " cuda")
 
@@ -367,10 +391,12 @@ def rss_growth_over_steps(side, steps=RSS_STEPS):
 
 
 def rss_growth_in_fresh_process(side_name, spec, threads):
-    """Run rss_growth_over_steps for one DiT side in a new Python process, so neither side inherits the other's heap."""
-    return rss_in_fresh_process(side_name, threads, [
-        "--variant", spec["variant"], "--input-size", str(spec["input_size"]), "--in-channels",
-        str(spec["in_channels"]), "--num-classes", str(spec["num_classes"]), "--batch-size", str(spec["batch_size"])])
+    """Run rss_growth_over_steps for one DiT (or video) side in a new Python process, so neither side inherits the
+    other's heap."""
+    options = ["--video"] if is_video(spec) else []
+    for key, value in spec.items():  # input_size -> --input-size 32, ...
+        options += ["--" + key.replace("_", "-"), str(value)]
+    return rss_in_fresh_process(side_name, threads, options)
 
 
 def rss_in_fresh_process(side_name, threads, options):
@@ -437,22 +463,26 @@ def _median_phases(steps):
 
 
 def bench_config(spec, args):
-    """Measure one configuration; prints its block and returns the numbers as a dict."""
-    macs = forward_macs(model_spec(spec))
-    train_flops = 3 * 2 * macs  # per image
+    """Measure one configuration (a DiT, or with num_frames the video model against TorchLatte); prints its block and
+    returns the numbers as a dict (per image, or per clip for the video model)."""
     N = spec["batch_size"]
     batch = make_batch(spec)
     mini = MiniditSide(spec, args.backend, batch, args.threads)
     xp = mini.xp
-    print(f"== minidit.dev.bench: DiT {spec['variant']}, input {spec['input_size']}x{spec['input_size']}x"
+    macs = mini.model.gmacs() * 1e9  # forward_macs(spec) for a DiT; per clip for the video model
+    train_flops = 3 * 2 * macs  # per image (clip)
+    unit = "clip" if is_video(spec) else "image"
+    what = (f"VideoDiT {spec['variant']} (Latte's layout), {spec['num_frames']} frames of " if is_video(spec)
+            else f"DiT {spec['variant']}, input ")
+    print(f"== minidit.dev.bench: {what}{spec['input_size']}x{spec['input_size']}x"
           f"{spec['in_channels']}, {spec['num_classes']} classes, batch {N}, float32, backend {args.backend}"
           f"{'' if xp is np else ' (fused kernels ' + ('on' if args.fused else 'off') + ')'}, "
           f"threads {args.threads} ==")
     if xp is np:
         print(f"threads: minidit runs {args.threads} batch shards at once, one thread each with a single-threaded BLAS "
               f"(minidit.threads); torch and the matmul peak use {args.threads} threads inside each op")
-    print(f"model: {mini.model.num_params() / 1e6:.2f}M parameters; forward {macs / 1e9:.4f} GMACs/image")
-    print(f"FLOP convention: training FLOPs/image = 3 x 2 x forward MACs = {train_flops / 1e9:.4f} GFLOP "
+    print(f"model: {mini.model.num_params() / 1e6:.2f}M parameters; forward {macs / 1e9:.4f} GMACs/{unit}")
+    print(f"FLOP convention: training FLOPs/{unit} = 3 x 2 x forward MACs = {train_flops / 1e9:.4f} GFLOP "
           "(backward = 2 forwards, 2 FLOPs per multiply-add; matmuls only, elementwise ops not counted)")
 
     sides, peaks = [mini], {}
@@ -501,7 +531,7 @@ def bench_config(spec, args):
           + (", alternating minidit / torch" if tside else "")
           + "; each number = median over runs of the run's median step")
     print(f"{'':16s} {'forward ms':>11s} {'backward ms':>12s} {'optimizer ms':>13s} {'step ms':>9s} "
-          f"{'images/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
+          f"{unit + 's/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     result = dict(spec=spec, gmacs=macs / 1e9, train_gflop_per_image=train_flops / 1e9,
                   peaks={k: p.best for k, p in peaks.items()}, sides={})
     for s in sides:
@@ -667,6 +697,13 @@ def parse_args(argv=None):
                     help="with --sampling: time a Dynamic DiT checkpoint's sliced sampling against its weights dense "
                          "(--batch-size default 100)")
     ap.add_argument("--vae-decode", action="store_true", help="with --sampling: also decode with an SD-shaped VAE")
+    ap.add_argument("--video", action="store_true",
+                    help="time the video DiT in Latte's layout (default S/2, 8 frames of 16x16x4, 101 classes, batch 2)"
+                         "; with --compare-torch against TorchLatte (the official Latte in PyTorch eager) with the "
+                         "same weights. --variant, --input-size, --in-channels, --num-classes, --batch-size and "
+                         "--num-frames override it")
+    ap.add_argument("--num-frames", type=positive_int, default=None,
+                    help=f"with --video: frames per clip (default {VIDEO['num_frames']})")
     ap.add_argument("--mmdit", action="store_true",
                     help="time SD3's MM-DiT (a small preset, rectified flow) instead; with --compare-torch against "
                          "diffusers' SD3Transformer2DModel with the same weights")
@@ -677,6 +714,16 @@ def parse_args(argv=None):
 
 
 def specs_from_args(args):
+    if args.video:
+        if args.preset or args.sampling or args.mmdit or args.dynamic:
+            raise ValueError("--video has its own configuration and times training: drop --preset, --sampling, "
+                             "--dynamic and --mmdit (give --variant, --num-frames, --input-size, ... to change it)")
+        spec = dict(VIDEO)
+        spec.update({k: getattr(args, k) for k in VIDEO if getattr(args, k) is not None})
+        model_spec(spec)  # a clear error for an unknown variant or a clip that does not cut into patches
+        return [spec]
+    if args.num_frames is not None:
+        raise ValueError("--num-frames is for the video model: add --video")
     names = list(PRESETS) if args.preset == "all" else [args.preset] if args.preset else [None]
     specs = []
     for name in names:
@@ -703,6 +750,7 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"minidit.dev.bench: backend {args.backend} unavailable: {e}")
         return 2
+    specs = run(specs_from_args, args)  # an unknown variant, a bad size or option: one line, not a traceback
     if args.mmdit:
         run(bench_mmdit, args)
         return 0
@@ -711,7 +759,7 @@ def main(argv=None):
             sys.exit("error: --dynamic times sampling: add --sampling")
         run(bench_dynamic, args)
         return 0
-    for spec in run(specs_from_args, args):  # an unknown variant or a bad size: one line, not a traceback
+    for spec in specs:
         if args.sampling:
             run(bench_sampling, spec, args)
         else:

@@ -1,16 +1,24 @@
-"""The official DiT in PyTorch eager, written from the facts (docs/dit-facts.md: facebookresearch/DiT models.py and
-diffusion/): a reference to test minidit against and to time it against. Not used by minidit itself; needs
-`pip install -e ".[torch]"`.
+"""The official DiT and Latte in PyTorch eager, written from the facts (docs/dit-facts.md: facebookresearch/DiT
+models.py and diffusion/; maxin-cn/Latte models/latte.py's forward, as TorchLatte's docstring states it): references
+to test minidit against and to time it against. Not used by minidit itself; needs `pip install -e ".[torch]"`.
 
     tm = build_torch_dit(model, torch.float64)     # same architecture and weights as a minidit DiT
     out = tm(x, t, y)                               # (N, C, H, W), (N,), (N,) -> (N, C_out, H, W)
     terms = TorchDiffusion().training_losses(tm, x_start, t, dict(y=y), noise)   # official loss, autograd
 
+    tv = build_torch_latte(video_model, torch.float64)   # a minidit VideoDiT in Latte's layout, the same weights
+    out = tv(x, t, y)                               # (N, F, C, H, W) (Latte's layout; minidit's is (N, C, F, H, W))
+    terms = TorchDiffusion(channel_dim=2).training_losses(tv, x_start, t, dict(y=y), noise)
+
+TorchLatte is built from the same pieces as TorchDiT (DiTBlock, PatchEmbed, TimestepEmbedder, LabelEmbedder,
+FinalLayer, the sin-cos tables), with Latte's parameter names, so an official Latte state dict loads strictly;
+unconditional (Latte's extras=1: no label table) when num_classes is 0.
+
 What is the same as facebookresearch/DiT `models.py` + timm: module tree and state_dict names (strict load of a
 minidit state dict or an official checkpoint), Conv2d patch embed, qkv laid out [q | k | v] with contiguous heads,
 GELU(tanh), LayerNorm(elementwise_affine=False, eps=1e-6), adaLN-Zero blocks, final layer, unpatchify,
 the label table with the null class, initialize_weights(), forward_with_cfg() (3 guided channels).
-What differs, on purpose:
+What differs, on purpose (in both models):
   * attention is the manual softmax(q k^T * scale) v (timm's non-fused path), not F.scaled_dot_product_attention,
     so float64 works and the arithmetic is the textbook one;
   * the timestep sinusoid is computed in float32 (official) and then cast to the weights' dtype (the official
@@ -42,6 +50,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..xp import to_numpy
 from ..model import DiTConfig, get_config
+from ..video import frame_code, grid_code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,36 +200,10 @@ class TorchDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The official order: xavier Linear + zero bias; sin-cos pos_embed; xavier patch conv (as (D, C p p));
-        N(0, 0.02) label table and t-MLP weights; zero adaLN modulations; zero final linear."""
-        def _basic_init(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.apply(_basic_init)
-        D, T = self.pos_embed.shape[2], self.pos_embed.shape[1]
-        self.pos_embed.data.copy_(torch.from_numpy(_sincos_2d(D, int(math.isqrt(T)))).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        initialize_weights(self)
 
     def unpatchify(self, x):
-        """(N, T, p*p*c) -> (N, c, H, W); each token's vector ordered (p_row, p_col, c)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward(self, x, t, y, force_drop_ids=None):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -239,15 +222,114 @@ class TorchDiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
+class TorchLatte(nn.Module):
+    """The official Latte (maxin-cn/Latte models/latte.py, class Latte: DiT's blocks over the tokens of one frame and
+    over the frames at one position in turn), written from its forward:
+
+        x (N, F, C, H, W) -> (N F, C, H, W) -> patch conv + pos_embed (2-D sin-cos, frozen)   -> (N F, S, D)
+        c = t_emb (+ y_emb)  (N, D): per frame (rows (n, f)) for spatial blocks, per position (rows (n, s)) for temporal
+        blocks 2i on (N F, S, D); '(b f) t d -> (b t) f d'; after block 0 only + temp_embed (1-D sin-cos over frames,
+        frozen); blocks 2i+1 on (N S, F, D); back to (N F, S, D)
+        final layer per frame with the spatial c, DiT's unpatchify per frame            -> (N, F, C_out, H, W)
+
+    Arguments as minidit.VideoDiT's; num_classes 0 is Latte's extras=1 (unconditional: no y_embedder, forward takes
+    y=None), num_classes > 0 its extras=2 (class-conditional, a null label when class_dropout_prob > 0). The depth
+    must be even (the blocks come in spatial-temporal pairs). Parameter names and shapes are Latte's, so a Latte state
+    dict loads strictly. Differences from the official code are TorchDiT's (manual attention, float32 sinusoid cast to
+    the weights' dtype, forward takes force_drop_ids; Latte's attention_mode "math" scales q k^T where this scales q,
+    a difference of rounding); Latte's text-to-video extras (78) and fp16 path are not here."""
+
+    def __init__(self, variant="S/2", input_size=32, num_frames=16, in_channels=4, num_classes=1000, learn_sigma=True,
+                 class_dropout_prob=0.1):
+        super().__init__()
+        cfg = get_config(variant)
+        if cfg.depth % 2:
+            raise ValueError(f"Latte's blocks come in spatial-temporal pairs: depth {cfg.depth} is odd")
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels, self.out_channels = in_channels, 2 * in_channels if learn_sigma else in_channels
+        self.patch_size, self.num_heads = p, cfg.num_heads
+        self.x_embedder = PatchEmbed(p, in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob) if num_classes else None  # extras 2 / 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // p) ** 2, D), requires_grad=False)  # (1, S, D)
+        self.temp_embed = nn.Parameter(torch.zeros(1, num_frames, D), requires_grad=False)  # (1, F, D)
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(D, p, self.out_channels)
+        initialize_weights(self)
+
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (N, F, C, H, W), t (N,), y (N,) (None when unconditional) -> (N, F, C_out, H, W)."""
+        N, F, _, H, W = x.shape
+        x = self.x_embedder(x.flatten(0, 1)) + self.pos_embed  # (N F, S, D), rows (n, f)
+        S, D = x.shape[1], x.shape[2]
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training, force_drop_ids)
+        elif y is not None:
+            raise ValueError("an unconditional Latte (num_classes 0, extras=1) takes no labels: pass y=None")
+        c_spatial = c.repeat_interleave(F, dim=0)  # (N F, D), rows (n, f)
+        c_temporal = c.repeat_interleave(S, dim=0)  # (N S, D), rows (n, s)
+        for i in range(0, len(self.blocks), 2):
+            x = self.blocks[i](x, c_spatial)  # attention within each frame
+            x = x.reshape(N, F, S, D).transpose(1, 2).reshape(N * S, F, D)  # '(b f) t d -> (b t) f d'
+            if i == 0:
+                x = x + self.temp_embed  # (1, F, D) over (N S, F, D)
+            x = self.blocks[i + 1](x, c_temporal)  # attention across the frames at each position
+            x = x.reshape(N, S, F, D).transpose(1, 2).reshape(N * F, S, D)  # '(b t) f d -> (b f) t d'
+        x = unpatchify(self.final_layer(x, c_spatial), self.patch_size, self.out_channels)  # (N F, C_out, H, W)
+        return x.reshape(N, F, self.out_channels, H, W)
+
+
+def unpatchify(x, p, c):
+    """(N, T, p*p*c) -> (N, c, H, W), T = (H/p)^2; each token's vector ordered (p_row, p_col, c)."""
+    h = w = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+def initialize_weights(model):
+    """The official order (DiT's initialize_weights; Latte's is the same plus temp_embed): xavier Linear + zero bias;
+    sin-cos pos_embed (and temp_embed where the model has one); xavier patch conv (as (D, C p p)); N(0, 0.02) label
+    table (where there is one) and t-MLP weights; zero adaLN modulations; zero final linear."""
+    def _basic_init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.apply(_basic_init)
+    D, T = model.pos_embed.shape[2], model.pos_embed.shape[1]
+    model.pos_embed.data.copy_(torch.from_numpy(_sincos_2d(D, int(math.isqrt(T)))).float().unsqueeze(0))
+    if hasattr(model, "temp_embed"):
+        F = model.temp_embed.shape[1]
+        model.temp_embed.data.copy_(torch.from_numpy(_sincos_1d(D, np.arange(F))).float().unsqueeze(0))
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    if getattr(model, "y_embedder", None) is not None:
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def _sincos_1d(E, pos):
+    """MAE's 1-D sin-cos code (len(pos), E), float64: [sin(pos w), cos(pos w)], w_k = 10000^(-k / (E/2))."""
+    omega = 1.0 / 10000 ** (np.arange(E // 2, dtype=np.float64) / (E / 2.0))
+    out = np.einsum("m,d->md", np.asarray(pos, dtype=np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
 def _sincos_2d(D, g):
-    """MAE's 2-D sin-cos table (g*g, D), float64: first D/2 dims from the column index, last D/2 from the row;
-    each half [sin(pos w), cos(pos w)], w_k = 10000^(-k / (D/4))."""
-    def emb_1d(E, pos):
-        omega = 1.0 / 10000 ** (np.arange(E // 2, dtype=np.float64) / (E / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    """MAE's 2-D sin-cos table (g*g, D), float64: first D/2 dims the 1-D code of the column index, last D/2 of the
+    row."""
     grid_w, grid_h = np.meshgrid(np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64))  # 'xy': w first
-    return np.concatenate([emb_1d(D // 2, grid_w), emb_1d(D // 2, grid_h)], axis=1)
+    return np.concatenate([_sincos_1d(D // 2, grid_w), _sincos_1d(D // 2, grid_h)], axis=1)
 
 
 def build_torch_dit(minidit_model, dtype=torch.float32, device="cpu"):
@@ -256,6 +338,31 @@ def build_torch_dit(minidit_model, dtype=torch.float32, device="cpu"):
     tm = TorchDiT(s.config, input_size=s.input_size, in_channels=s.in_channels, num_classes=s.num_classes,
                   learn_sigma=s.learn_sigma, class_dropout_prob=s.class_dropout_prob).to(dtype=dtype)
     tm.load_state_dict({k: torch.from_numpy(np.array(to_numpy(v))) for k, v in m.params.items()}, strict=True)
+    return tm.to(device)
+
+
+def build_torch_latte(minidit_video_model, dtype=torch.float32, device="cpu"):
+    """A TorchLatte with a minidit VideoDiT's architecture and (copied) weights, strictly loaded by Latte's names:
+    the (D, C, 1, p, p) patch weight becomes Latte's (D, C, p, p) Conv2d weight, pos_embed and temp_embed are
+    minidit's tables (video.grid_code, video.frame_code) at the spec's input_size and num_frames. Only the Latte
+    layout has a Latte: temporal_patch 1, factorised attention, frame_code "after-block-0", an even depth."""
+    m, s = minidit_video_model, minidit_video_model.spec
+    wrong = [f"{name} {got!r} (Latte: {want!r})" for name, got, want in (
+        ("temporal_patch", getattr(s, "temporal_patch", None), 1),
+        ("attention", getattr(s, "attention", None), "factorised"),
+        ("frame_code", getattr(s, "frame_code", None), "after-block-0")) if got != want]
+    if wrong:
+        raise ValueError("build_torch_latte: this model is not Latte's layout, it has " + ", ".join(wrong))
+    D, p = s.config.hidden_size, s.config.patch_size
+    tm = TorchLatte(s.config, input_size=s.input_size, num_frames=s.num_frames, in_channels=s.in_channels,
+                    num_classes=s.num_classes, learn_sigma=s.learn_sigma,
+                    class_dropout_prob=s.class_dropout_prob).to(dtype=dtype)
+    state = {k: np.array(to_numpy(v)) for k, v in m.params.items()}
+    state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"][:, :, 0]  # (D, C, 1, p, p) -> (D, C, p, p)
+    g = s.input_size // p
+    state["pos_embed"] = grid_code(D, g, g)[None]  # (1, S, D)
+    state["temp_embed"] = frame_code(D, s.num_frames)[None, :, 0]  # (1, F, D)
+    tm.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     return tm.to(device)
 
 
@@ -287,15 +394,17 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 class TorchDiffusion:
-    """create_diffusion(timestep_respacing="") for training: linear betas 1e-4..0.02 over 1000 steps, no respacing."""
+    """create_diffusion(timestep_respacing="") for training: linear betas 1e-4..0.02 over 1000 steps, no respacing.
+    channel_dim: the axis of the channels, which the learned-sigma output splits on: 1 for DiT's (N, C, H, W), 2 for
+    Latte's (N, F, C, H, W) clips (Latte's copy of the diffusion code splits on dim 2)."""
 
-    def __init__(self, num_timesteps=1000):
+    def __init__(self, num_timesteps=1000, channel_dim=1):
         scale = 1000.0 / num_timesteps
         betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
         ab = np.cumprod(1.0 - betas)
         ab_prev = np.append(1.0, ab[:-1])
         post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
-        self.num_timesteps = num_timesteps
+        self.num_timesteps, self.channel_dim = num_timesteps, channel_dim
         self.tables = {
             "sqrt_ab": np.sqrt(ab), "sqrt_1m_ab": np.sqrt(1.0 - ab),
             "sqrt_recip_ab": np.sqrt(1.0 / ab), "sqrt_recipm1_ab": np.sqrt(1.0 / ab - 1.0),
@@ -319,8 +428,8 @@ class TorchDiffusion:
 
     def p_mean_variance(self, model_output, x_t, t):
         """Learned range variance, eps prediction, clip_denoised=False."""
-        C = x_t.shape[1]
-        eps, v = torch.split(model_output, C, dim=1)
+        C = x_t.shape[self.channel_dim]
+        eps, v = torch.split(model_output, C, dim=self.channel_dim)
         min_log = self._extract("post_logvar_clipped", t, x_t)
         max_log = self._extract("log_betas", t, x_t)
         frac = (v + 1) / 2
@@ -346,10 +455,11 @@ class TorchDiffusion:
 
     def losses_from_output(self, model_output, x_start, x_t, t, noise):
         """The body of training_losses after the network call (split out so a benchmark can time it apart)."""
-        C = x_t.shape[1]
-        assert model_output.shape[1] == 2 * C, "the official loss with learn_sigma: the output is [eps | v]"
-        eps, v = torch.split(model_output, C, dim=1)
-        frozen_out = torch.cat([eps.detach(), v], dim=1)  # vb trains the variance channels only
+        cd = self.channel_dim
+        C = x_t.shape[cd]
+        assert model_output.shape[cd] == 2 * C, "the official loss with learn_sigma: the output is [eps | v]"
+        eps, v = torch.split(model_output, C, dim=cd)
+        frozen_out = torch.cat([eps.detach(), v], dim=cd)  # vb trains the variance channels only
         terms = {"vb": self.vb_terms_bpd(frozen_out, x_start, x_t, t), "mse": mean_flat((noise - eps) ** 2)}
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
@@ -453,7 +563,8 @@ def main(argv=None):
           f"loss {float(arrays['loss']):.6f}, {FIXTURE_STEPS} AdamW losses {np.round(arrays['losses'], 6).tolist()}")
 
 
-__all__ = ["TorchDiT", "build_torch_dit", "TorchDiffusion", "update_ema", "write_fixture"]
+__all__ = ["TorchDiT", "build_torch_dit", "TorchLatte", "build_torch_latte", "TorchDiffusion", "update_ema",
+           "write_fixture"]
 
 if __name__ == "__main__":
     main()
