@@ -92,3 +92,13 @@ def sampled_errors(loss, grads, arrays, k, rng, floor=1e-3):
         sel = tuple(np.array(i) for i in zip(*idx))
         out[name] = (rel_error(g[sel], num[sel], floor=floor), float(np.linalg.norm(g[sel])))
     return out
+
+
+def model_errors(model, x, t, y, k, rng):
+    """A model's forward(x, t, y) / backward at its current parameters, loss = sum(out * dout) with dout random:
+    sampled_errors of every parameter's gradient and of x's (k entries each). -> name -> (relative error, norm)."""
+    out, cache = model.forward(x, t, y)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = model.backward(dout, cache, return_dx=True)
+    return sampled_errors(lambda: np.sum(model.forward(x, t, y)[0] * dout), {**grads, "x": dx},
+                          {**model.params, "x": x}, k, rng)

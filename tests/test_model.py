@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from minidit import DiT, DiTConfig, DiTSpec, VARIANTS, forward_macs, get_config, param_shapes
 from minidit.conditioning import ConditioningDiT
-from minidit.gradcheck import check_backward, rel_error, sampled_errors
+from minidit.gradcheck import check_backward, model_errors, rel_error, sampled_errors
 from minidit.model import attention_mlp_shapes, block_backward, block_forward
 from minidit.params import linear_shapes
 
@@ -294,12 +294,9 @@ def test_an_unconditional_dit_has_no_label_table_and_checks_its_gradients():
         if k != "pos_embed":
             v[...] = 0.5 * rng.standard_normal(v.shape)
     x, t = rng.standard_normal((3, 2, 4, 4)), np.array([0, 17, 999])
-    out, cache = model.forward(x, t, None, train=True)
-    dout = rng.standard_normal(out.shape)
-    grads, dx = model.backward(dout, cache, return_dx=True)
-    errors = sampled_errors(lambda: np.sum(model.forward(x, t, None)[0] * dout), {**grads, "x": dx},
-                            {**model.params, "x": x}, 20, rng)
+    errors = model_errors(model, x, t, None, 20, rng)
     assert all(norm > 0 and err < 1e-6 for err, norm in errors.values()), errors
+    out, _ = model.forward(x, t, None, train=True)  # train: no dropout to draw
     np.testing.assert_allclose(ShardedDiT(model, 2).forward(x, t, None)[0], out, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unconditional.*y=None"):
         model.forward(x, t, np.array([0, 1, 2]))

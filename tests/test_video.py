@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minidit.checkpoint import build_model
-from minidit.gradcheck import sampled_errors
+from minidit.gradcheck import model_errors, sampled_errors
 from minidit.layers import get_1d_sincos_pos_embed
 from minidit.model import DiTConfig
 from minidit.video import (
@@ -78,12 +78,7 @@ def test_an_unconditional_video_model(tmp_path):
     rng = np.random.default_rng(2)
     for v in model.params.values():
         v[...] = 0.3 * rng.standard_normal(v.shape)
-    x, t = rng.standard_normal((2, 2, 2, 4, 4)), np.array([3, 800])
-    out, cache = model.forward(x, t, None, train=True)
-    dout = rng.standard_normal(out.shape)
-    grads, dx = model.backward(dout, cache, return_dx=True)
-    errors = sampled_errors(lambda: np.sum(model.forward(x, t, None)[0] * dout), {**grads, "x": dx},
-                            {**model.params, "x": x}, 10, rng)
+    errors = model_errors(model, rng.standard_normal((2, 2, 2, 4, 4)), np.array([3, 800]), None, 10, rng)
     assert all(norm > 0 and err < 1e-6 for err, norm in errors.values()), errors
 
 
