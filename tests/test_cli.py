@@ -158,3 +158,17 @@ def test_ctrl_c_at_any_moment_writes_the_checkpoint_it_announces(tmp_path, monke
     step = 0 if when == "before the first step" else 1
     assert meta["step"] == step
     assert f"interrupted at step {step}; checkpoint written" in open(os.path.join(run, "log.txt")).read()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model", "video", "--dynamic", "width"], "--dynamic is an option of DynamicDiT; these options train a VideoDiT"),
+    (["--model", "mmdit", "--temporal-patch", "2"], "--temporal-patch is an option of VideoDiT; these options train a "
+                                                   "CaptionMMDiT"),
+    (["--block", "adaln", "--text-dim", "8"], "--text-dim is an option of CaptionMMDiT; these options train a "
+                                              "ConditioningDiT"),
+])
+def test_an_option_of_another_kind_is_an_error(tmp_path, argv, match):
+    """Each kind owns its options (minidit.models.choose): one that the chosen kind does not read is refused, before
+    any data is rendered, rather than silently ignored."""
+    with pytest.raises(SystemExit, match=match):
+        train_mod.main(argv + ["--steps", "1", "--out", str(tmp_path / "r")])
